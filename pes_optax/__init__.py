@@ -1,0 +1,29 @@
+"""pes_optax: unbiased gradient estimators for unrolled computation graphs.
+
+Persistent Evolution Strategies and its family, with truncated backprop and
+online references, as optax gradient transformations.
+"""
+
+from pes_optax._src.es import ESState as ESState
+from pes_optax._src.es import full_es as full_es
+from pes_optax._src.es import nres as nres
+from pes_optax._src.es import pes as pes
+from pes_optax._src.estimate import NONFINITE_POLICIES as NONFINITE_POLICIES
+from pes_optax._src.estimate import ESDiagnostics as ESDiagnostics
+from pes_optax._src.problem import UnrolledProblem as UnrolledProblem
+from pes_optax._src.problem import unroll as unroll
+from pes_optax._src.truncated_es import truncated_es as truncated_es
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "ESDiagnostics",
+    "ESState",
+    "NONFINITE_POLICIES",
+    "UnrolledProblem",
+    "full_es",
+    "nres",
+    "pes",
+    "truncated_es",
+    "unroll",
+)

@@ -1,0 +1,198 @@
+"""The particle engine shared by the evolution-strategies estimators.
+
+One call of :func:`run_truncation` runs ``K`` inner steps of ``N`` perturbed
+particles as a single ``lax.scan`` over steps of a ``vmap`` over particles, and
+returns, per particle, the two pieces of its truncation loss:
+
+* ``loss_old``: the weighted losses taken before the particle started a new
+  inner problem in this truncation, credited to the accumulator it entered
+  the truncation with;
+* ``loss_new``: the weighted losses taken after it started one, credited only
+  to the perturbation that started it.
+
+A truncation never holds more than one start per particle because the
+factories require ``truncation_length <= horizon``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from pes_optax._src.problem import UnrolledProblem, step_weights
+
+PyTree = Any
+NO_END = jnp.iinfo(jnp.int32).max
+
+
+class ParticleCarry(NamedTuple):
+    """What the scan over the steps of one truncation carries."""
+
+    inner_state: PyTree  # leaves [N, ...]
+    step: jax.Array  # int32 [N], inner step within the current inner problem
+    episode_end: jax.Array  # int32 [N], step at which the inner problem ends
+    perturbation: PyTree  # theta-shaped leaves [N, ...], float32
+    started: jax.Array  # bool [N], started an inner problem this truncation
+    loss_old: jax.Array  # float32 [N]
+    loss_new: jax.Array  # float32 [N]
+    finite: jax.Array  # bool [N], every loss so far finite
+
+
+def sample_perturbations(
+    key: jax.Array,
+    theta: PyTree,
+    num_particles: int,
+    sigma: jax.Array,
+    antithetic: bool,
+) -> PyTree:
+    """Gaussian perturbations with leaves ``[num_particles, *leaf.shape]``.
+
+    With ``antithetic``, particles ``2i`` and ``2i + 1`` get ``+e`` and ``-e``,
+    so that partners stay next to each other when particles are sharded.
+    """
+    leaves, treedef = jax.tree.flatten(theta)
+    keys = jax.random.split(key, len(leaves))
+    num_draws = num_particles // 2 if antithetic else num_particles
+
+    def draw(leaf_key, leaf):
+        shape = jnp.shape(leaf)
+        noise = sigma * jax.random.normal(leaf_key, (num_draws, *shape), jnp.float32)
+        if antithetic:
+            noise = jnp.stack([noise, -noise], axis=1)
+            noise = noise.reshape((num_particles, *shape))
+        return noise
+
+    return jax.tree.unflatten(treedef, [draw(k, x) for k, x in zip(keys, leaves)])
+
+
+def perturb(theta: PyTree, perturbation: PyTree) -> PyTree:
+    """``theta + perturbation`` per particle, in theta's dtypes."""
+    return jax.tree.map(
+        lambda t, e: (t.astype(jnp.float32) + e).astype(t.dtype), theta, perturbation
+    )
+
+
+def particle_contributions(
+    accumulator: PyTree,
+    fresh_accumulator: PyTree,
+    loss_old: jax.Array,
+    loss_new: jax.Array,
+) -> PyTree:
+    """Per-particle ``acc_old * loss_old + acc_new * loss_new``, float32."""
+
+    def combine(old, new):
+        shape = (-1,) + (1,) * (old.ndim - 1)
+        return old * loss_old.reshape(shape) + new * loss_new.reshape(shape)
+
+    return jax.tree.map(combine, accumulator, fresh_accumulator)
+
+
+def select_particles(mask: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
+    """Leafwise ``where`` with a ``[N]`` mask broadcast over trailing axes."""
+
+    def pick(a, b):
+        return jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+
+    return jax.tree.map(pick, on_true, on_false)
+
+
+def run_truncation(
+    problem: UnrolledProblem,
+    theta: PyTree,
+    carry: ParticleCarry,
+    fresh_perturbation: PyTree,
+    reuse_noise: bool,
+    key: jax.Array,
+    data: PyTree | None,
+    truncation_length: int,
+) -> ParticleCarry:
+    """Runs ``truncation_length`` steps of every particle.
+
+    A particle whose ``step`` is 0 starts a new inner problem from
+    ``problem.init`` before stepping, with ``fresh_perturbation`` as its
+    perturbation from then on when ``reuse_noise`` is set (noise-reuse ES);
+    otherwise a particle keeps ``carry.perturbation`` for the whole truncation.
+    All particles share the step keys and the data (common random numbers).
+    """
+    weights = step_weights(problem.loss_reduction, truncation_length)
+    horizon = NO_END if problem.horizon is None else problem.horizon
+    step_keys = jax.random.split(key, truncation_length)
+    vmapped_init = jax.vmap(problem.init, in_axes=(None, 0))
+    vmapped_step = jax.vmap(problem.step, in_axes=(0, 0, None, None))
+
+    def body(carry: ParticleCarry, xs):
+        step_key, weight, step_data = xs
+        init_key, inner_key = jax.random.split(step_key)
+        start = carry.step == 0
+
+        # Choose each particle's perturbation for this step.
+        perturbation = carry.perturbation
+        if reuse_noise:
+            perturbation = select_particles(start, fresh_perturbation, perturbation)
+        particle_theta = perturb(theta, perturbation)
+
+        # Start new inner problems where needed.
+        def restart(inner_state):
+            fresh = vmapped_init(init_key, particle_theta)
+            return select_particles(start, fresh, inner_state)
+
+        inner_state = jax.lax.cond(
+            jnp.any(start), restart, lambda s: s, carry.inner_state
+        )
+
+        # One inner step of every particle.
+        inner_state, loss = vmapped_step(
+            particle_theta, inner_state, inner_key, step_data
+        )
+        loss = jnp.asarray(loss, jnp.float32)
+        if loss.shape != start.shape:
+            raise ValueError(
+                "`step` must return a scalar loss; got a loss of shape "
+                f"{loss.shape[1:]} per particle."
+            )
+
+        # Credit the loss to the old or the new inner problem.
+        started = carry.started | start
+        weighted = weight * loss
+        zero = jnp.zeros_like(weighted)
+        step = carry.step + 1
+        ended = step >= carry.episode_end
+        return (
+            ParticleCarry(
+                inner_state=inner_state,
+                step=jnp.where(ended, 0, step),
+                episode_end=jnp.where(ended, horizon, carry.episode_end),
+                perturbation=perturbation,
+                started=started,
+                loss_old=carry.loss_old + jnp.where(started, zero, weighted),
+                loss_new=carry.loss_new + jnp.where(started, weighted, zero),
+                finite=carry.finite & jnp.isfinite(loss),
+            ),
+            None,
+        )
+
+    carry, _ = jax.lax.scan(body, carry, (step_keys, weights, data))
+    return carry
+
+
+def initial_carry(
+    inner_state: PyTree,
+    step: jax.Array,
+    episode_end: jax.Array,
+    perturbation: PyTree,
+) -> ParticleCarry:
+    """A carry at the start of a truncation, with empty loss sums."""
+    num_particles = step.shape[0]
+    zeros = jnp.zeros((num_particles,), jnp.float32)
+    return ParticleCarry(
+        inner_state=inner_state,
+        step=step,
+        episode_end=episode_end,
+        perturbation=perturbation,
+        started=jnp.zeros((num_particles,), bool),
+        loss_old=zeros,
+        loss_new=zeros,
+        finite=jnp.ones((num_particles,), bool),
+    )

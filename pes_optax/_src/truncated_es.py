@@ -1,0 +1,145 @@
+"""Truncated evolution strategies, the biased baseline of the PES paper.
+
+Vicol, Metz and Sohl-Dickstein, ICML 2021, https://arxiv.org/abs/2112.13835,
+section "Truncated ES".
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from pes_optax._src import estimate as estimate_lib
+from pes_optax._src import particles
+from pes_optax._src import validation as v
+from pes_optax._src.es import ESState, _check_update_args, _next_diagnostics
+from pes_optax._src.problem import UnrolledProblem
+
+
+def _broadcast(tree, num: int):
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (num, *jnp.shape(x))), tree)
+
+
+def _append_zero_particle(tree):
+    return jax.tree.map(
+        lambda x: jnp.concatenate([x, jnp.zeros_like(x[:1])], axis=0), tree
+    )
+
+
+def truncated_es(
+    problem: UnrolledProblem,
+    *,
+    num_particles: int,
+    sigma: v.ScalarOrSchedule,
+    truncation_length: int,
+    key: jax.Array | int,
+    antithetic: bool = True,
+    nonfinite_policy: str = "drop_pair",
+) -> optax.GradientTransformationExtraArgs:
+    r"""Truncated ES as an optax transformation (biased).
+
+    Keeps one unperturbed inner trajectory :math:`s`. Each ``update`` unrolls
+    ``N`` particles ``K`` steps from :math:`s` with
+    :math:`\theta + \epsilon_i`, adds
+
+    .. math::
+      \hat g = \frac{1}{N \sigma^2} \sum_i \epsilon_i L_\tau(\theta +
+      \epsilon_i; s),
+
+    then advances :math:`s` by ``K`` steps with the unperturbed ``theta``.
+    The estimate ignores how ``theta`` shaped :math:`s`, so it is biased
+    towards short-horizon (greedy) behaviour; it is provided as the baseline
+    that :func:`pes` corrects.
+
+    Warning:
+      Biased whenever the inner problem spans more than one truncation.
+
+    Args:
+      problem: The unrolled problem.
+      num_particles: ``N``, counting both members of each antithetic pair.
+      sigma: Perturbation standard deviation, or a schedule.
+      truncation_length: ``K``; at most the horizon.
+      key: Typed PRNG key (or int seed).
+      antithetic: Sample perturbations in pairs ``(+e, -e)``.
+      nonfinite_policy: ``"drop_pair"`` or ``"skip_update"``; see
+        :func:`pes_optax.pes`. A non-finite unperturbed trajectory starts a
+        new inner problem.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state keeps the
+      unperturbed trajectory (no particle axis) and an empty accumulator.
+    """
+    problem = v.check_problem(problem)
+    num_particles = v.check_num_particles(num_particles, antithetic)
+    truncation_length = v.check_truncation_length(truncation_length, problem.horizon)
+    sigma_fn = v.check_sigma(sigma)
+    key = v.check_key(key)
+    v.check_choice(
+        "nonfinite_policy", nonfinite_policy, estimate_lib.NONFINITE_POLICIES
+    )
+    horizon = particles.NO_END if problem.horizon is None else problem.horizon
+
+    def init_fn(params):
+        v.check_theta(params, "params")
+        init_key, rng_key = jax.random.split(key)
+        return ESState(
+            inner_state=problem.init(init_key, params),
+            accumulator=(),
+            perturbation=(),
+            step=jnp.zeros((), jnp.int32),
+            episode_end=jnp.asarray(horizon, jnp.int32),
+            rng_key=rng_key,
+            count=jnp.zeros((), jnp.int32),
+            diagnostics=estimate_lib.empty_diagnostics(),
+        )
+
+    def update_fn(updates, state, params=None, *, data=None, **extra_args):
+        del extra_args
+        _check_update_args(updates, state, params, data, truncation_length, False)
+        sigma_now = jnp.asarray(sigma_fn(state.count), jnp.float32)
+        rng_key, noise_key, steps_key = jax.random.split(state.rng_key, 3)
+        noise = particles.sample_perturbations(
+            noise_key, params, num_particles, sigma_now, antithetic
+        )
+
+        # Particles and one unperturbed particle (last) start from s.
+        total = num_particles + 1
+        carry = particles.initial_carry(
+            _broadcast(state.inner_state, total),
+            jnp.broadcast_to(state.step, (total,)),
+            jnp.broadcast_to(state.episode_end, (total,)),
+            _append_zero_particle(noise),
+        )
+        carry = particles.run_truncation(
+            problem, params, carry, noise, False, steps_key, data, truncation_length
+        )
+
+        # Estimate from the perturbed particles only.
+        losses = (carry.loss_old + carry.loss_new)[:num_particles]
+        score = jax.tree.map(lambda e: e / sigma_now**2, noise)
+        contributions = particles.particle_contributions(
+            score, score, losses, jnp.zeros_like(losses)
+        )
+        finite = carry.finite[:num_particles] & (
+            estimate_lib.tree_all_finite_per_particle(contributions, num_particles)
+        )
+        estimate, _, stats = estimate_lib.reduce_estimate(
+            contributions, losses, finite, antithetic, nonfinite_policy
+        )
+
+        # Advance the unperturbed trajectory; restart it if it blew up.
+        mean_ok = carry.finite[-1]
+        new_state = ESState(
+            inner_state=jax.tree.map(lambda x: x[-1], carry.inner_state),
+            accumulator=(),
+            perturbation=(),
+            step=jnp.where(mean_ok, carry.step[-1], 0),
+            episode_end=jnp.where(mean_ok, carry.episode_end[-1], horizon),
+            rng_key=rng_key,
+            count=optax.safe_increment(state.count),
+            diagnostics=_next_diagnostics(state, stats, truncation_length),
+        )
+        return estimate_lib.add_estimate(updates, estimate), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,154 @@
+"""Argument checks shared by the estimator factories and their updates.
+
+Every check raises at construction or trace time, never inside the compiled
+program, and its message names the argument, the value received and the fix.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pes_optax._src.problem import UnrolledProblem
+
+PyTree = Any
+ScalarOrSchedule = float | Callable[[jax.Array], jax.Array]
+
+
+def check_problem(problem: Any) -> UnrolledProblem:
+    if not isinstance(problem, UnrolledProblem):
+        raise TypeError(
+            "`problem` must be a pes_optax.UnrolledProblem, got "
+            f"{type(problem).__name__}. Build one with "
+            "pes_optax.UnrolledProblem(init=..., step=..., horizon=...)."
+        )
+    return problem
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be a positive int, got {value!r}.")
+    if value < 1:
+        raise ValueError(f"`{name}` must be >= 1, got {value}.")
+    return int(value)
+
+
+def check_num_particles(num_particles: Any, antithetic: bool) -> int:
+    num_particles = check_positive_int("num_particles", num_particles)
+    if antithetic and num_particles % 2:
+        raise ValueError(
+            f"`num_particles` must be even with antithetic sampling, got "
+            f"{num_particles}. Use {num_particles + 1} (or "
+            f"{max(num_particles - 1, 2)}), or pass antithetic=False."
+        )
+    return num_particles
+
+
+def check_truncation_length(truncation_length: Any, horizon: int | None) -> int:
+    truncation_length = check_positive_int("truncation_length", truncation_length)
+    if horizon is not None and truncation_length > horizon:
+        raise ValueError(
+            f"`truncation_length` ({truncation_length}) must not exceed the "
+            f"problem's `horizon` ({horizon}). Use a truncation length of at "
+            f"most {horizon}, or full_es for one truncation per inner problem."
+        )
+    return truncation_length
+
+
+def check_sigma(sigma: Any) -> Callable[[jax.Array], jax.Array]:
+    """Returns ``sigma`` as a schedule of the outer step count."""
+    if callable(sigma):
+        first = np.asarray(sigma(0))
+        if first.shape != () or not np.isfinite(first) or first <= 0:
+            raise ValueError(
+                "`sigma` schedule must return a finite scalar > 0; at step 0 "
+                f"it returned {first!r}. Check the schedule's parameters."
+            )
+        return sigma
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):
+        raise TypeError(
+            f"`sigma` must be a positive float or a schedule (callable of the "
+            f"outer step), got {sigma!r}."
+        )
+    if not np.isfinite(sigma) or sigma <= 0:
+        raise ValueError(
+            f"`sigma` (the perturbation standard deviation) must be a finite "
+            f"number > 0, got {sigma}. Typical values are 1e-3 to 1.0."
+        )
+    value = float(sigma)
+    return lambda count: jnp.asarray(value, jnp.float32)
+
+
+def check_key(key: Any) -> jax.Array:
+    """Returns a typed PRNG key from a typed key or an int seed."""
+    if isinstance(key, numbers.Integral) and not isinstance(key, bool):
+        return jax.random.key(int(key))
+    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            raise ValueError(
+                f"`key` must be a single typed key, got a key array of shape "
+                f"{key.shape}. Pass one key, e.g. jax.random.key(0)."
+            )
+        return key
+    raise TypeError(
+        f"`key` must be a typed PRNG key from jax.random.key(seed) or an int "
+        f"seed, got {key!r}. Legacy uint32 keys from jax.random.PRNGKey can "
+        "be converted with jax.random.wrap_key_data."
+    )
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
+    return value
+
+
+def check_theta(theta: PyTree, name: str = "params") -> None:
+    """Requires a non-empty pytree of floating arrays."""
+    if theta is None:
+        raise ValueError(
+            f"`{name}` is None. The estimator needs the current parameters: "
+            "call update(updates, state, params) with params=theta."
+        )
+    leaves_with_path = jax.tree_util.tree_leaves_with_path(theta)
+    if not leaves_with_path:
+        raise ValueError(f"`{name}` has no array leaves; got {theta!r}.")
+    for path, leaf in leaves_with_path:
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"`{name}` leaf {jax.tree_util.keystr(path)} has dtype {dtype}; "
+                "every leaf of theta must be floating. Cast it, e.g. "
+                "jnp.asarray(x, jnp.float32), or keep integer constants out "
+                "of theta (close over them in the problem's functions)."
+            )
+
+
+def check_same_structure(name: str, tree: PyTree, reference: PyTree, what: str):
+    """Requires ``tree`` to have ``reference``'s structure and leaf shapes."""
+    try:
+        chex.assert_trees_all_equal_structs(tree, reference)
+        chex.assert_trees_all_equal_shapes(tree, reference)
+    except AssertionError as error:
+        raise ValueError(
+            f"`{name}` does not match {what}: {error}. Pass the same theta "
+            "structure that was given to init, or re-initialise the state."
+        ) from None
+
+
+def check_data(data: PyTree, truncation_length: int) -> None:
+    """Requires every data leaf to have a leading axis of ``truncation_length``."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(data):
+        shape = jnp.shape(leaf)
+        if not shape or shape[0] != truncation_length:
+            raise ValueError(
+                f"`data` leaf {jax.tree_util.keystr(path)} has shape {shape}; "
+                f"every leaf needs a leading axis of truncation_length="
+                f"{truncation_length} (one slice per inner step)."
+            )
