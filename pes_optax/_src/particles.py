@@ -64,7 +64,9 @@ def sample_perturbations(
             noise = noise.reshape((num_particles, *shape))
         return noise
 
-    return jax.tree.unflatten(treedef, [draw(k, x) for k, x in zip(keys, leaves)])
+    return jax.tree.unflatten(
+        treedef, [draw(k, x) for k, x in zip(keys, leaves, strict=True)]
+    )
 
 
 def perturb(theta: PyTree, perturbation: PyTree) -> PyTree:
