@@ -47,6 +47,7 @@ class UnrolledProblem:
         docstring.
 
     Example:
+      >>> import jax
       >>> import jax.numpy as jnp
       >>> import pes_optax
       >>> problem = pes_optax.UnrolledProblem(

@@ -64,7 +64,8 @@ def check_truncation_length(truncation_length: Any, horizon: int | None) -> int:
 def check_sigma(sigma: Any) -> Callable[[jax.Array], jax.Array]:
     """Returns ``sigma`` as a schedule of the outer step count."""
     if callable(sigma):
-        first = np.asarray(sigma(0))
+        with jax.ensure_compile_time_eval():
+            first = np.asarray(sigma(0))
         if first.shape != () or not np.isfinite(first) or first <= 0:
             raise ValueError(
                 "`sigma` schedule must return a finite scalar > 0; at step 0 "
