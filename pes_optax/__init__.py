@@ -10,6 +10,8 @@ from pes_optax._src.es import nres as nres
 from pes_optax._src.es import pes as pes
 from pes_optax._src.estimate import NONFINITE_POLICIES as NONFINITE_POLICIES
 from pes_optax._src.estimate import ESDiagnostics as ESDiagnostics
+from pes_optax._src.pes_a import PESAState as PESAState
+from pes_optax._src.pes_a import pes_a as pes_a
 from pes_optax._src.problem import UnrolledProblem as UnrolledProblem
 from pes_optax._src.problem import unroll as unroll
 from pes_optax._src.truncated_es import truncated_es as truncated_es
@@ -20,10 +22,12 @@ __all__ = (
     "ESDiagnostics",
     "ESState",
     "NONFINITE_POLICIES",
+    "PESAState",
     "UnrolledProblem",
     "full_es",
     "nres",
     "pes",
+    "pes_a",
     "truncated_es",
     "unroll",
 )
