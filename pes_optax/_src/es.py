@@ -20,12 +20,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
 from pes_optax._src import estimate as estimate_lib
 from pes_optax._src import particles
 from pes_optax._src import validation as v
 from pes_optax._src.estimate import ESDiagnostics
 from pes_optax._src.problem import UnrolledProblem
+from pes_optax._src.sharding import constrain, particle_sharding
 
 PyTree = Any
 
@@ -97,6 +99,8 @@ def _persistent_es(
     reuse_noise,
     stagger,
     nonfinite_policy,
+    mesh,
+    particle_axis,
 ) -> optax.GradientTransformationExtraArgs:
     """Shared body of :func:`pes`, :func:`nres` and :func:`full_es`."""
     problem = v.check_problem(problem)
@@ -114,6 +118,21 @@ def _persistent_es(
         )
     horizon = _horizon_or_max(problem)
     pair_size = 2 if antithetic else 1
+    sharding = particle_sharding(mesh, particle_axis, num_particles, antithetic)
+
+    def place(state: ESState) -> ESState:
+        return state._replace(
+            **constrain(
+                {
+                    "inner_state": state.inner_state,
+                    "accumulator": state.accumulator,
+                    "perturbation": state.perturbation,
+                    "step": state.step,
+                    "episode_end": state.episode_end,
+                },
+                sharding,
+            )
+        )
 
     def init_fn(params):
         v.check_theta(params, "params")
@@ -129,7 +148,7 @@ def _persistent_es(
                 offset_key, (num_particles // pair_size,), 0, horizon
             )
             episode_end = episode_end - jnp.repeat(offsets, pair_size)
-        return ESState(
+        state = ESState(
             inner_state=inner_state,
             accumulator=zeros,
             perturbation=zeros if reuse_noise else (),
@@ -139,6 +158,7 @@ def _persistent_es(
             count=jnp.zeros((), jnp.int32),
             diagnostics=estimate_lib.empty_diagnostics(),
         )
+        return place(state)
 
     def update_fn(updates, state, params=None, *, data=None, **extra_args):
         del extra_args
@@ -148,7 +168,7 @@ def _persistent_es(
 
         # Draw this truncation's perturbations and their scores e / sigma^2.
         noise = particles.sample_perturbations(
-            noise_key, params, num_particles, sigma_now, antithetic
+            noise_key, params, num_particles, sigma_now, antithetic, sharding
         )
         fresh_score = _scale(noise, 1.0 / sigma_now**2)
         if reuse_noise:
@@ -170,6 +190,7 @@ def _persistent_es(
             steps_key,
             data,
             truncation_length,
+            sharding,
         )
 
         # Weight each particle's losses by the scores they depend on.
@@ -205,7 +226,7 @@ def _persistent_es(
             count=optax.safe_increment(state.count),
             diagnostics=_next_diagnostics(state, stats, truncation_length),
         )
-        return estimate_lib.add_estimate(updates, estimate), new_state
+        return estimate_lib.add_estimate(updates, estimate), place(new_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -220,6 +241,8 @@ def pes(
     antithetic: bool = True,
     stagger: bool = False,
     nonfinite_policy: str = "drop_pair",
+    mesh: Mesh | None = None,
+    particle_axis: str = "particles",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Persistent Evolution Strategies (PES) as an optax transformation.
 
@@ -261,6 +284,11 @@ def pes(
       stagger: Cut each pair's first inner problem short by a random number of
         steps so that the pairs' resets do not line up.
       nonfinite_policy: ``"drop_pair"`` or ``"skip_update"``.
+      mesh: Optional ``jax.sharding.Mesh``; particles are split in contiguous
+        blocks (antithetic partners together) along its ``particle_axis`` and
+        XLA reduces the estimate across devices. ``num_particles`` must be a
+        multiple of twice the axis size (antithetic) or of the axis size.
+      particle_axis: Name of the mesh axis that holds particles.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` takes
@@ -299,6 +327,8 @@ def pes(
         reuse_noise=False,
         stagger=stagger,
         nonfinite_policy=nonfinite_policy,
+        mesh=mesh,
+        particle_axis=particle_axis,
     )
 
 
@@ -312,6 +342,8 @@ def nres(
     antithetic: bool = True,
     stagger: bool | None = None,
     nonfinite_policy: str = "drop_pair",
+    mesh: Mesh | None = None,
+    particle_axis: str = "particles",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Noise-reuse Evolution Strategies (NRES) as an optax transformation.
 
@@ -339,6 +371,9 @@ def nres(
       stagger: Cut each pair's first inner problem short by a random offset;
         ``None`` (default) staggers whenever the horizon is finite.
       nonfinite_policy: ``"drop_pair"`` or ``"skip_update"``; see :func:`pes`.
+      mesh: Optional ``jax.sharding.Mesh`` over which to split particles; see
+        :func:`pes`.
+      particle_axis: Name of the mesh axis that holds particles.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -361,6 +396,8 @@ def nres(
         reuse_noise=True,
         stagger=stagger,
         nonfinite_policy=nonfinite_policy,
+        mesh=mesh,
+        particle_axis=particle_axis,
     )
 
 
@@ -372,6 +409,8 @@ def full_es(
     key: jax.Array | int,
     antithetic: bool = True,
     nonfinite_policy: str = "drop_pair",
+    mesh: Mesh | None = None,
+    particle_axis: str = "particles",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Full-unroll ("vanilla") ES as an optax transformation.
 
@@ -392,6 +431,9 @@ def full_es(
       key: Typed PRNG key (or int seed).
       antithetic: Sample perturbations in pairs ``(+e, -e)``.
       nonfinite_policy: ``"drop_pair"`` or ``"skip_update"``; see :func:`pes`.
+      mesh: Optional ``jax.sharding.Mesh`` over which to split particles; see
+        :func:`pes`.
+      particle_axis: Name of the mesh axis that holds particles.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -418,4 +460,6 @@ def full_es(
         reuse_noise=False,
         stagger=False,
         nonfinite_policy=nonfinite_policy,
+        mesh=mesh,
+        particle_axis=particle_axis,
     )

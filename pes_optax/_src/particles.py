@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from pes_optax._src.problem import UnrolledProblem, step_weights
+from pes_optax._src.sharding import constrain
 
 PyTree = Any
 NO_END = jnp.iinfo(jnp.int32).max
@@ -46,6 +47,7 @@ def sample_perturbations(
     num_particles: int,
     sigma: jax.Array,
     antithetic: bool,
+    sharding=None,
 ) -> PyTree:
     """Gaussian perturbations with leaves ``[num_particles, *leaf.shape]``.
 
@@ -64,9 +66,8 @@ def sample_perturbations(
             noise = noise.reshape((num_particles, *shape))
         return noise
 
-    return jax.tree.unflatten(
-        treedef, [draw(k, x) for k, x in zip(keys, leaves, strict=True)]
-    )
+    noise = [draw(k, x) for k, x in zip(keys, leaves, strict=True)]
+    return constrain(jax.tree.unflatten(treedef, noise), sharding)
 
 
 def perturb(theta: PyTree, perturbation: PyTree) -> PyTree:
@@ -109,6 +110,7 @@ def run_truncation(
     key: jax.Array,
     data: PyTree | None,
     truncation_length: int,
+    sharding=None,
 ) -> ParticleCarry:
     """Runs ``truncation_length`` steps of every particle.
 
@@ -117,6 +119,7 @@ def run_truncation(
     perturbation from then on when ``reuse_noise`` is set (noise-reuse ES);
     otherwise a particle keeps ``carry.perturbation`` for the whole truncation.
     All particles share the step keys and the data (common random numbers).
+    With ``sharding``, the particle axis of the carry is kept on its devices.
     """
     weights = step_weights(problem.loss_reduction, truncation_length)
     horizon = NO_END if problem.horizon is None else problem.horizon
@@ -162,19 +165,23 @@ def run_truncation(
         step = carry.step + 1
         ended = step >= carry.episode_end
         return (
-            ParticleCarry(
-                inner_state=inner_state,
-                step=jnp.where(ended, 0, step),
-                episode_end=jnp.where(ended, horizon, carry.episode_end),
-                perturbation=perturbation,
-                started=started,
-                loss_old=carry.loss_old + jnp.where(started, zero, weighted),
-                loss_new=carry.loss_new + jnp.where(started, weighted, zero),
-                finite=carry.finite & jnp.isfinite(loss),
+            constrain(
+                ParticleCarry(
+                    inner_state=inner_state,
+                    step=jnp.where(ended, 0, step),
+                    episode_end=jnp.where(ended, horizon, carry.episode_end),
+                    perturbation=perturbation,
+                    started=started,
+                    loss_old=carry.loss_old + jnp.where(started, zero, weighted),
+                    loss_new=carry.loss_new + jnp.where(started, weighted, zero),
+                    finite=carry.finite & jnp.isfinite(loss),
+                ),
+                sharding,
             ),
             None,
         )
 
+    carry = constrain(carry, sharding)
     carry, _ = jax.lax.scan(body, carry, (step_keys, weights, data))
     return carry
 

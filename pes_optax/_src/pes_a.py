@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
 from pes_optax._src import estimate as estimate_lib
 from pes_optax._src import particles
@@ -20,6 +21,7 @@ from pes_optax._src import validation as v
 from pes_optax._src.es import _check_update_args, _next_diagnostics, _zeros_per_particle
 from pes_optax._src.estimate import ESDiagnostics
 from pes_optax._src.problem import UnrolledProblem
+from pes_optax._src.sharding import particle_sharding
 
 PyTree = Any
 
@@ -58,6 +60,8 @@ def pes_a(
     truncation_length: int,
     key: jax.Array | int,
     antithetic: bool = True,
+    mesh: Mesh | None = None,
+    particle_axis: str = "particles",
 ) -> optax.GradientTransformationExtraArgs:
     r"""PES with an analytic gradient of the current truncation (PES-A).
 
@@ -91,6 +95,9 @@ def pes_a(
       truncation_length: ``K``; at most the horizon.
       key: Typed PRNG key (or int seed).
       antithetic: Sample perturbations in pairs ``(+e, -e)``.
+      mesh: Optional ``jax.sharding.Mesh`` over which to split the particles;
+        see :func:`pes_optax.pes`.
+      particle_axis: Name of the mesh axis that holds particles.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with a :class:`PESAState`.
@@ -106,6 +113,7 @@ def pes_a(
     sigma_fn = v.check_sigma(sigma)
     key = v.check_key(key)
     horizon = particles.NO_END if problem.horizon is None else problem.horizon
+    sharding = particle_sharding(mesh, particle_axis, num_particles, antithetic)
 
     def init_fn(params):
         v.check_theta(params, "params")
@@ -150,7 +158,7 @@ def pes_a(
 
         # PES particles, all at the mean trajectory's step.
         noise = particles.sample_perturbations(
-            noise_key, params, num_particles, sigma_now, antithetic
+            noise_key, params, num_particles, sigma_now, antithetic, sharding
         )
         fresh_score = jax.tree.map(lambda e: e / sigma_now**2, noise)
         carry = particles.initial_carry(
@@ -160,7 +168,15 @@ def pes_a(
             noise,
         )
         carry = particles.run_truncation(
-            problem, params, carry, noise, False, steps_key, data, truncation_length
+            problem,
+            params,
+            carry,
+            noise,
+            False,
+            steps_key,
+            data,
+            truncation_length,
+            sharding,
         )
 
         # History term with the first-order control variate.

@@ -9,22 +9,23 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
 from pes_optax._src import estimate as estimate_lib
 from pes_optax._src import particles
 from pes_optax._src import validation as v
-from pes_optax._src.es import ESState, _check_update_args, _next_diagnostics
+from pes_optax._src.es import (
+    ESState,
+    _check_update_args,
+    _next_diagnostics,
+    _zeros_per_particle,
+)
 from pes_optax._src.problem import UnrolledProblem
+from pes_optax._src.sharding import particle_sharding
 
 
 def _broadcast(tree, num: int):
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (num, *jnp.shape(x))), tree)
-
-
-def _append_zero_particle(tree):
-    return jax.tree.map(
-        lambda x: jnp.concatenate([x, jnp.zeros_like(x[:1])], axis=0), tree
-    )
 
 
 def truncated_es(
@@ -36,6 +37,8 @@ def truncated_es(
     key: jax.Array | int,
     antithetic: bool = True,
     nonfinite_policy: str = "drop_pair",
+    mesh: Mesh | None = None,
+    particle_axis: str = "particles",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Truncated ES as an optax transformation (biased).
 
@@ -65,6 +68,9 @@ def truncated_es(
       nonfinite_policy: ``"drop_pair"`` or ``"skip_update"``; see
         :func:`pes_optax.pes`. A non-finite unperturbed trajectory starts a
         new inner problem.
+      mesh: Optional ``jax.sharding.Mesh`` over which to split the perturbed
+        particles; see :func:`pes_optax.pes`.
+      particle_axis: Name of the mesh axis that holds particles.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state keeps the
@@ -79,6 +85,7 @@ def truncated_es(
         "nonfinite_policy", nonfinite_policy, estimate_lib.NONFINITE_POLICIES
     )
     horizon = particles.NO_END if problem.horizon is None else problem.horizon
+    sharding = particle_sharding(mesh, particle_axis, num_particles, antithetic)
 
     def init_fn(params):
         v.check_theta(params, "params")
@@ -100,28 +107,39 @@ def truncated_es(
         sigma_now = jnp.asarray(sigma_fn(state.count), jnp.float32)
         rng_key, noise_key, steps_key = jax.random.split(state.rng_key, 3)
         noise = particles.sample_perturbations(
-            noise_key, params, num_particles, sigma_now, antithetic
+            noise_key, params, num_particles, sigma_now, antithetic, sharding
         )
 
-        # Particles and one unperturbed particle (last) start from s.
-        total = num_particles + 1
-        carry = particles.initial_carry(
-            _broadcast(state.inner_state, total),
-            jnp.broadcast_to(state.step, (total,)),
-            jnp.broadcast_to(state.episode_end, (total,)),
-            _append_zero_particle(noise),
-        )
-        carry = particles.run_truncation(
-            problem, params, carry, noise, False, steps_key, data, truncation_length
-        )
+        # Perturbed particles and the unperturbed trajectory, all from s.
+        def run_from_s(num, perturbation, sharding):
+            carry = particles.initial_carry(
+                _broadcast(state.inner_state, num),
+                jnp.broadcast_to(state.step, (num,)),
+                jnp.broadcast_to(state.episode_end, (num,)),
+                perturbation,
+            )
+            return particles.run_truncation(
+                problem,
+                params,
+                carry,
+                (),
+                False,
+                steps_key,
+                data,
+                truncation_length,
+                sharding,
+            )
+
+        carry = run_from_s(num_particles, noise, sharding)
+        mean = run_from_s(1, _zeros_per_particle(params, 1), None)
 
         # Estimate from the perturbed particles only.
-        losses = (carry.loss_old + carry.loss_new)[:num_particles]
+        losses = carry.loss_old + carry.loss_new
         score = jax.tree.map(lambda e: e / sigma_now**2, noise)
         contributions = particles.particle_contributions(
             score, score, losses, jnp.zeros_like(losses)
         )
-        finite = carry.finite[:num_particles] & (
+        finite = carry.finite & (
             estimate_lib.tree_all_finite_per_particle(contributions, num_particles)
         )
         estimate, _, stats = estimate_lib.reduce_estimate(
@@ -129,13 +147,13 @@ def truncated_es(
         )
 
         # Advance the unperturbed trajectory; restart it if it blew up.
-        mean_ok = carry.finite[-1]
+        mean_ok = mean.finite[0]
         new_state = ESState(
-            inner_state=jax.tree.map(lambda x: x[-1], carry.inner_state),
+            inner_state=jax.tree.map(lambda x: x[0], mean.inner_state),
             accumulator=(),
             perturbation=(),
-            step=jnp.where(mean_ok, carry.step[-1], 0),
-            episode_end=jnp.where(mean_ok, carry.episode_end[-1], horizon),
+            step=jnp.where(mean_ok, mean.step[0], 0),
+            episode_end=jnp.where(mean_ok, mean.episode_end[0], horizon),
             rng_key=rng_key,
             count=optax.safe_increment(state.count),
             diagnostics=_next_diagnostics(state, stats, truncation_length),
