@@ -4,14 +4,23 @@ Persistent Evolution Strategies and its family, with truncated backprop and
 online references, as optax gradient transformations.
 """
 
+from pes_optax._src.backprop import BPTTState as BPTTState
+from pes_optax._src.backprop import GradientDiagnostics as GradientDiagnostics
+from pes_optax._src.backprop import TBPTTState as TBPTTState
+from pes_optax._src.backprop import bptt as bptt
+from pes_optax._src.backprop import tbptt as tbptt
 from pes_optax._src.driver import Driver as Driver
 from pes_optax._src.es import ESState as ESState
-from pes_optax._src.es import full_es as full_es
-from pes_optax._src.es import nres as nres
-from pes_optax._src.es import pes as pes
 from pes_optax._src.estimate import NONFINITE_POLICIES as NONFINITE_POLICIES
 from pes_optax._src.estimate import ESDiagnostics as ESDiagnostics
 from pes_optax._src.metrics import find_diagnostics as find_diagnostics
+from pes_optax._src.online import RTRLState as RTRLState
+from pes_optax._src.online import UOROState as UOROState
+from pes_optax._src.online import rtrl as rtrl
+from pes_optax._src.online import uoro as uoro
+from pes_optax._src.pes import full_es as full_es
+from pes_optax._src.pes import nres as nres
+from pes_optax._src.pes import pes as pes
 from pes_optax._src.pes_a import PESAState as PESAState
 from pes_optax._src.pes_a import pes_a as pes_a
 from pes_optax._src.problem import UnrolledProblem as UnrolledProblem
@@ -21,17 +30,26 @@ from pes_optax._src.truncated_es import truncated_es as truncated_es
 __version__ = "0.1.0"
 
 __all__ = (
+    "BPTTState",
     "Driver",
     "ESDiagnostics",
     "ESState",
+    "GradientDiagnostics",
     "NONFINITE_POLICIES",
     "PESAState",
+    "RTRLState",
+    "TBPTTState",
+    "UOROState",
     "UnrolledProblem",
-    "full_es",
+    "bptt",
     "find_diagnostics",
+    "full_es",
     "nres",
     "pes",
     "pes_a",
+    "rtrl",
+    "tbptt",
     "truncated_es",
     "unroll",
+    "uoro",
 )

@@ -57,6 +57,55 @@ def tree_all_finite_per_particle(tree: PyTree, num_particles: int) -> jax.Array:
     return jnp.stack(flags).all(axis=0)
 
 
+class ChunkSums(NamedTuple):
+    """What a block of particles adds to the estimate."""
+
+    total: PyTree  # theta-shaped float32: sum of the kept contributions
+    num_kept: jax.Array  # int32 []: particles kept
+    keep: jax.Array  # bool [C]: particles whose pair is entirely finite
+    losses: jax.Array  # float32 [C]: truncation losses
+
+
+def chunk_sums(
+    contributions: PyTree, losses: jax.Array, finite: jax.Array, antithetic: bool
+) -> ChunkSums:
+    """Sums the contributions of the finite pairs of one block of particles."""
+    keep = pair_mask(finite, antithetic)
+
+    def masked_sum(leaf):
+        mask = keep.reshape((-1,) + (1,) * (leaf.ndim - 1))
+        return jnp.sum(jnp.where(mask, leaf, 0.0), axis=0)
+
+    total = jax.tree.map(masked_sum, contributions)
+    return ChunkSums(total, jnp.sum(keep, dtype=jnp.int32), keep, losses)
+
+
+def finalize(
+    sums: ChunkSums, antithetic: bool, policy: str
+) -> tuple[PyTree, tuple[jax.Array, jax.Array, jax.Array]]:
+    """The estimate and ``(mean_loss, loss_std, num_dropped_pairs)``.
+
+    ``sums`` holds the totals over every block and the ``[N]`` masks and
+    losses. The estimate is the mean over the kept particles; with
+    ``"skip_update"`` it is zero as soon as any pair was left out.
+    """
+    keep, losses = sums.keep, sums.losses
+    num_used = sums.num_kept
+    if policy == "skip_update":
+        num_used = jnp.where(jnp.all(keep), num_used, 0)
+    denominator = jnp.maximum(num_used, 1).astype(jnp.float32)
+    estimate = jax.tree.map(
+        lambda t: jnp.where(num_used > 0, t / denominator, 0.0), sums.total
+    )
+
+    num_kept = jnp.maximum(jnp.sum(keep), 1).astype(jnp.float32)
+    mean_loss = jnp.sum(jnp.where(keep, losses, 0.0)) / num_kept
+    variance = jnp.sum(jnp.where(keep, (losses - mean_loss) ** 2, 0.0)) / num_kept
+    pair_size = 2 if antithetic else 1
+    num_dropped = (keep.size - num_used) // pair_size
+    return estimate, (mean_loss, jnp.sqrt(variance), num_dropped.astype(jnp.int32))
+
+
 def reduce_estimate(
     contributions: PyTree,
     losses: jax.Array,
@@ -64,38 +113,14 @@ def reduce_estimate(
     antithetic: bool,
     policy: str,
 ) -> tuple[PyTree, jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
-    """Mean of the kept particles' contributions.
-
-    Args:
-      contributions: Theta-shaped leaves ``[N, ...]``, float32.
-      losses: ``[N]`` truncation losses.
-      finite: ``[N]`` per-particle finiteness of losses and contributions.
-      antithetic: Whether particles ``2i`` and ``2i + 1`` are partners.
-      policy: One of :data:`NONFINITE_POLICIES`.
+    """:func:`chunk_sums` and :func:`finalize` for all particles at once.
 
     Returns:
-      ``(estimate, keep, (mean_loss, loss_std, num_dropped_pairs))``; ``keep``
-      is the ``[N]`` mask of particles whose pair was entirely finite.
+      ``(estimate, keep, (mean_loss, loss_std, num_dropped_pairs))``.
     """
-    keep = pair_mask(finite, antithetic)
-    used = keep
-    if policy == "skip_update":
-        used = keep & jnp.all(keep)
-    num_used = jnp.sum(used)
-    denominator = jnp.maximum(num_used, 1).astype(jnp.float32)
-
-    def average(leaf):
-        mask = used.reshape((-1,) + (1,) * (leaf.ndim - 1))
-        return jnp.sum(jnp.where(mask, leaf, 0.0), axis=0) / denominator
-
-    estimate = jax.tree.map(average, contributions)
-    safe_losses = jnp.where(keep, losses, 0.0)
-    num_kept = jnp.maximum(jnp.sum(keep), 1).astype(jnp.float32)
-    mean_loss = jnp.sum(safe_losses) / num_kept
-    variance = jnp.sum(jnp.where(keep, (losses - mean_loss) ** 2, 0.0)) / num_kept
-    pair_size = 2 if antithetic else 1
-    num_dropped = (jnp.sum(~used) // pair_size).astype(jnp.int32)
-    return estimate, keep, (mean_loss, jnp.sqrt(variance), num_dropped)
+    sums = chunk_sums(contributions, losses, finite, antithetic)
+    estimate, stats = finalize(sums, antithetic, policy)
+    return estimate, sums.keep, stats
 
 
 def add_estimate(updates: PyTree, estimate: PyTree) -> PyTree:

@@ -52,21 +52,40 @@ def sample_perturbations(
     """Gaussian perturbations with leaves ``[num_particles, *leaf.shape]``.
 
     With ``antithetic``, particles ``2i`` and ``2i + 1`` get ``+e`` and ``-e``,
-    so that partners stay next to each other when particles are sharded.
+    so that partners stay next to each other when particles are sharded. Each
+    draw comes from its own key (:func:`draw_keys`), so any block of particles
+    can be regenerated alone with :func:`perturbations_from_keys`.
     """
-    leaves, treedef = jax.tree.flatten(theta)
-    keys = jax.random.split(key, len(leaves))
-    num_draws = num_particles // 2 if antithetic else num_particles
+    keys = draw_keys(key, num_particles, antithetic)
+    return perturbations_from_keys(keys, theta, sigma, antithetic, sharding)
 
-    def draw(leaf_key, leaf):
-        shape = jnp.shape(leaf)
-        noise = sigma * jax.random.normal(leaf_key, (num_draws, *shape), jnp.float32)
+
+def draw_keys(key: jax.Array, num_particles: int, antithetic: bool) -> jax.Array:
+    """One key per pair (antithetic) or per particle."""
+    return jax.random.split(key, num_particles // 2 if antithetic else num_particles)
+
+
+def perturbations_from_keys(
+    keys: jax.Array, theta: PyTree, sigma: jax.Array, antithetic: bool, sharding=None
+) -> PyTree:
+    """The perturbations of the particles whose draw keys are ``keys``."""
+    leaves, treedef = jax.tree.flatten(theta)
+
+    def draw(one_key):
+        leaf_keys = jax.random.split(one_key, len(leaves))
+        return [
+            jax.random.normal(k, jnp.shape(x), jnp.float32)
+            for k, x in zip(leaf_keys, leaves, strict=True)
+        ]
+
+    def spread(noise):
+        noise = sigma * noise
         if antithetic:
             noise = jnp.stack([noise, -noise], axis=1)
-            noise = noise.reshape((num_particles, *shape))
+            noise = noise.reshape((-1, *noise.shape[2:]))
         return noise
 
-    noise = [draw(k, x) for k, x in zip(keys, leaves, strict=True)]
+    noise = [spread(n) for n in jax.vmap(draw)(keys)]
     return constrain(jax.tree.unflatten(treedef, noise), sharding)
 
 

@@ -118,7 +118,9 @@ def unroll(
     Args:
       problem: The unrolled problem.
       theta: The parameters to evaluate.
-      key: A typed PRNG key; split into one key per step as the estimators do.
+      key: A typed PRNG key, split into per-step keys exactly as the
+        estimators split theirs, so that an estimator's unperturbed trajectory
+        from the same key is this one.
       num_steps: Steps to run; required when ``problem.horizon`` is ``None``.
       data: Optional data with a leading axis of ``num_steps``.
 
@@ -131,15 +133,16 @@ def unroll(
             "`num_steps` is required for a problem with `horizon=None`; pass "
             "the number of inner steps to run."
         )
-    init_key, steps_key = jax.random.split(key)
-    inner_state = problem.init(init_key, theta)
+    # Keys as the estimators make them: one per step, split into the key of
+    # a start (used at step 0) and the key of the step itself.
+    keys = jax.vmap(jax.random.split)(jax.random.split(key, num_steps))
+    inner_state = problem.init(keys[0, 0], theta)
 
     def body(carry, xs):
         step_key, step_data = xs
         new_state, loss = problem.step(theta, carry, step_key, step_data)
         return new_state, jnp.asarray(loss, jnp.float32)
 
-    keys = jax.random.split(steps_key, num_steps)
-    _, losses = jax.lax.scan(body, inner_state, (keys, data))
+    _, losses = jax.lax.scan(body, inner_state, (keys[:, 1], data))
     weights = step_weights(problem.loss_reduction, num_steps)
     return jnp.sum(weights * losses)

@@ -19,6 +19,7 @@ from pes_optax._src.es import (
     _check_update_args,
     _next_diagnostics,
     _zeros_per_particle,
+    map_particle_chunks,
 )
 from pes_optax._src.problem import UnrolledProblem
 from pes_optax._src.sharding import particle_sharding
@@ -39,6 +40,7 @@ def truncated_es(
     nonfinite_policy: str = "drop_pair",
     mesh: Mesh | None = None,
     particle_axis: str = "particles",
+    particle_chunk_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Truncated ES as an optax transformation (biased).
 
@@ -71,6 +73,8 @@ def truncated_es(
       mesh: Optional ``jax.sharding.Mesh`` over which to split the perturbed
         particles; see :func:`pes_optax.pes`.
       particle_axis: Name of the mesh axis that holds particles.
+      particle_chunk_size: Run the particles in sequential blocks of this
+        many; see :func:`pes_optax.pes`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state keeps the
@@ -86,6 +90,9 @@ def truncated_es(
     )
     horizon = particles.NO_END if problem.horizon is None else problem.horizon
     sharding = particle_sharding(mesh, particle_axis, num_particles, antithetic)
+    num_chunks = v.check_chunk_size(
+        particle_chunk_size, num_particles, antithetic, mesh
+    )
 
     def init_fn(params):
         v.check_theta(params, "params")
@@ -106,9 +113,6 @@ def truncated_es(
         _check_update_args(updates, state, params, data, truncation_length, False)
         sigma_now = jnp.asarray(sigma_fn(state.count), jnp.float32)
         rng_key, noise_key, steps_key = jax.random.split(state.rng_key, 3)
-        noise = particles.sample_perturbations(
-            noise_key, params, num_particles, sigma_now, antithetic, sharding
-        )
 
         # Perturbed particles and the unperturbed trajectory, all from s.
         def run_from_s(num, perturbation, sharding):
@@ -130,21 +134,28 @@ def truncated_es(
                 sharding,
             )
 
-        carry = run_from_s(num_particles, noise, sharding)
-        mean = run_from_s(1, _zeros_per_particle(params, 1), None)
+        def run_chunk(fields, keys):
+            noise = particles.perturbations_from_keys(
+                keys, params, sigma_now, antithetic, sharding
+            )
+            carry = run_from_s(jax.tree.leaves(noise)[0].shape[0], noise, sharding)
+            losses = carry.loss_old + carry.loss_new
+            score = jax.tree.map(lambda e: e / sigma_now**2, noise)
+            contributions = particles.particle_contributions(
+                score, score, losses, jnp.zeros_like(losses)
+            )
+            finite = carry.finite & estimate_lib.tree_all_finite_per_particle(
+                contributions, losses.shape[0]
+            )
+            return fields, estimate_lib.chunk_sums(
+                contributions, losses, finite, antithetic
+            )
 
         # Estimate from the perturbed particles only.
-        losses = carry.loss_old + carry.loss_new
-        score = jax.tree.map(lambda e: e / sigma_now**2, noise)
-        contributions = particles.particle_contributions(
-            score, score, losses, jnp.zeros_like(losses)
-        )
-        finite = carry.finite & (
-            estimate_lib.tree_all_finite_per_particle(contributions, num_particles)
-        )
-        estimate, _, stats = estimate_lib.reduce_estimate(
-            contributions, losses, finite, antithetic, nonfinite_policy
-        )
+        draw_keys = particles.draw_keys(noise_key, num_particles, antithetic)
+        _, sums = map_particle_chunks(run_chunk, (), draw_keys, num_chunks)
+        estimate, stats = estimate_lib.finalize(sums, antithetic, nonfinite_policy)
+        mean = run_from_s(1, _zeros_per_particle(params, 1), None)
 
         # Advance the unperturbed trajectory; restart it if it blew up.
         mean_ok = mean.finite[0]

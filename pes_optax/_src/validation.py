@@ -153,3 +153,35 @@ def check_data(data: PyTree, truncation_length: int) -> None:
                 f"every leaf needs a leading axis of truncation_length="
                 f"{truncation_length} (one slice per inner step)."
             )
+
+
+def check_chunk_size(
+    particle_chunk_size: Any, num_particles: int, antithetic: bool, mesh: Any
+) -> int:
+    """Returns the number of particle blocks (1 without chunking)."""
+    if particle_chunk_size is None:
+        return 1
+    size = check_positive_int("particle_chunk_size", particle_chunk_size)
+    pair_size = 2 if antithetic else 1
+    if num_particles % size or size % pair_size:
+        raise ValueError(
+            f"`particle_chunk_size` ({size}) must divide `num_particles` "
+            f"({num_particles})"
+            + (" and be even (antithetic pairs stay together)" if antithetic else "")
+            + ". Pick a divisor such as "
+            + f"{_largest_divisor(num_particles, size, pair_size)}."
+        )
+    if mesh is not None and size != num_particles:
+        raise ValueError(
+            "`particle_chunk_size` cannot be combined with `mesh` yet: chunking "
+            "runs blocks in sequence on each device. Shard over more devices, "
+            "or pass particle_chunk_size=None."
+        )
+    return num_particles // size
+
+
+def _largest_divisor(num_particles: int, at_most: int, multiple_of: int) -> int:
+    for candidate in range(min(at_most, num_particles), 0, -1):
+        if num_particles % candidate == 0 and candidate % multiple_of == 0:
+            return candidate
+    return num_particles

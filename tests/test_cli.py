@@ -1,0 +1,167 @@
+"""Tests for the `pes-optax` command line (`pes_optax.cli`)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import pes_optax
+from pes_optax import _runner, cli, tasks
+
+TINY_RUN = ["--iterations", "6", "--particles", "10", "--eval-every", "3"]
+
+
+def _run(tmp_path, *args):
+    out = tmp_path / "out"
+    status = cli.main(["run", *args, "--no-progress", "--out", str(out)])
+    assert status == 0
+    return out
+
+
+def _records(out):
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_run_writes_metrics_plot_and_summary(tmp_path, capsys):
+    out = _run(tmp_path, "influence_balancing", *TINY_RUN)
+    records = _records(out)
+
+    # One record per iteration plus the starting point, all with every key.
+    assert [r["iteration"] for r in records] == list(range(7))
+    for record in records:
+        assert set(record) == set(cli.METRIC_KEYS)
+    evaluated = [r["iteration"] for r in records if r["meta_objective"] is not None]
+    assert evaluated == [0, 3, 6]
+    assert records[0]["meta_objective"] == pytest.approx(8.0, rel=1e-5)
+    for record in records[1:]:
+        assert record["mean_loss"] >= 0.0
+        assert record["grad_norm"] > 0.0
+        assert record["num_dropped_pairs"] == 0
+    assert records[1]["theta"] != records[0]["theta"]
+
+    # The plot is a PNG; the summary agrees with the metrics.
+    assert (out / "meta_objective.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["learned"]["theta"] == records[-1]["theta"]
+    assert summary["settings"]["num_particles"] == 10
+    assert summary["settings"]["truncation_length"] == 1  # the task's default
+
+    # The final table names both rows.
+    printed = capsys.readouterr().out
+    assert "initial" in printed and "learned" in printed
+
+
+def test_same_seed_gives_same_metrics(tmp_path):
+    first = _run(tmp_path / "a", "influence_balancing", *TINY_RUN, "--seed", "4")
+    second = _run(tmp_path / "b", "influence_balancing", *TINY_RUN, "--seed", "4")
+    other = _run(tmp_path / "c", "influence_balancing", *TINY_RUN, "--seed", "5")
+    metrics = (first / "metrics.jsonl").read_text()
+    assert metrics == (second / "metrics.jsonl").read_text()
+    assert metrics != (other / "metrics.jsonl").read_text()
+
+
+def test_default_task_is_digits_with_pes(tmp_path):
+    out = _run(tmp_path, *TINY_RUN)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == tasks.DEFAULT_TASK == "digits"
+    assert summary["settings"]["estimator"] == "pes"
+    assert summary["learned"]["validation"] is not None
+
+
+@pytest.mark.parametrize("estimator", sorted(cli.ESTIMATORS))
+def test_every_estimator_runs(tmp_path, estimator):
+    args = ["toy_regression", "--estimator", estimator, "--iterations", "2"]
+    if cli.ESTIMATORS[estimator].uses_particles:
+        args += ["--particles", "4"]
+    out = _run(tmp_path, *args)
+    records = _records(out)
+    assert len(records) == 3
+    assert records[-1]["meta_objective"] is not None
+
+
+def test_list_names_tasks_and_estimators(capsys):
+    assert cli.main(["list"]) == 0
+    printed = capsys.readouterr().out
+    for name in (*tasks.TASKS, *cli.ESTIMATORS):
+        assert name in printed
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "--particles", "0"], "--particles must be > 0"),
+        (["run", "--particles", "ten"], "--particles must be an integer"),
+        (["run", "--sigma", "nan"], "--sigma must be > 0"),
+        (["run", "--seed", "-1"], "seed must be >= 0"),
+        (["run", "--estimator", "sgd"], "invalid choice: 'sgd'"),
+        (["run", "mnist"], "invalid choice: 'mnist'"),
+        (["run", "toy_regression", "--particles", "3"], "`num_particles` must"),
+        (
+            ["run", "toy_regression", "--truncation-length", "500"],
+            "`truncation_length` (500) must not exceed",
+        ),
+        (["run", "influence_balancing", "--estimator", "full_es"], "finite"),
+        (["run", "--estimator", "full_es", "--truncation-length", "5"], "drop it"),
+        ([], "required: command"),
+    ],
+)
+def test_bad_arguments_are_argparse_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main(args)
+    assert excinfo.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_out_must_not_be_a_file(tmp_path, capsys):
+    existing = tmp_path / "file.txt"
+    existing.write_text("")
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--out", str(existing), "--no-progress"])
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_module_runs_as_a_script():
+    completed = subprocess.run(
+        [sys.executable, "-m", "pes_optax.cli", "list"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    assert "influence_balancing" in completed.stdout
+
+
+def test_gradient_method_entries_take_no_particles(tmp_path, monkeypatch, capsys):
+    # The extension point for backprop and online methods: an entry built by
+    # `_gradient_method` passes only the truncation length and the key.
+    calls = []
+
+    def factory(problem, *, truncation_length, key):
+        calls.append(truncation_length)
+        return pes_optax.truncated_es(
+            problem,
+            num_particles=2,
+            sigma=0.1,
+            truncation_length=truncation_length,
+            key=key,
+        )
+
+    spec = _runner._gradient_method(factory, "a stand-in gradient method")
+    monkeypatch.setitem(cli.ESTIMATORS, "stand_in", spec)
+    out = _run(
+        tmp_path,
+        "toy_regression",
+        "--estimator",
+        "stand_in",
+        "--iterations",
+        "2",
+        "--truncation-length",
+        "5",
+    )
+    assert len(_records(out)) == 3
+    assert set(calls) == {5}
+
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--estimator", "stand_in", "--particles", "4"])
+    assert "--particles does not apply" in capsys.readouterr().err
