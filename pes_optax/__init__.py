@@ -4,6 +4,20 @@ Persistent Evolution Strategies and its family, with truncated backprop and
 online references, as optax gradient transformations.
 """
 
+from pes_optax._src.adapters_frameworks import (
+    from_flax_linen_rnn as from_flax_linen_rnn,
+)
+from pes_optax._src.adapters_frameworks import from_flax_nnx as from_flax_nnx
+from pes_optax._src.adapters_frameworks import from_haiku as from_haiku
+from pes_optax._src.adapters_inner import InnerTrainingState as InnerTrainingState
+from pes_optax._src.adapters_inner import (
+    default_hyperparams_transform as default_hyperparams_transform,
+)
+from pes_optax._src.adapters_inner import (
+    inner_training_problem as inner_training_problem,
+)
+from pes_optax._src.adapters_rnn import RecurrentState as RecurrentState
+from pes_optax._src.adapters_rnn import recurrent_problem as recurrent_problem
 from pes_optax._src.backprop import BPTTState as BPTTState
 from pes_optax._src.backprop import GradientDiagnostics as GradientDiagnostics
 from pes_optax._src.backprop import TBPTTState as TBPTTState
@@ -35,18 +49,26 @@ __all__ = (
     "ESDiagnostics",
     "ESState",
     "GradientDiagnostics",
+    "InnerTrainingState",
     "NONFINITE_POLICIES",
     "PESAState",
     "RTRLState",
+    "RecurrentState",
     "TBPTTState",
     "UOROState",
     "UnrolledProblem",
     "bptt",
+    "default_hyperparams_transform",
     "find_diagnostics",
+    "from_flax_linen_rnn",
+    "from_flax_nnx",
+    "from_haiku",
     "full_es",
+    "inner_training_problem",
     "nres",
     "pes",
     "pes_a",
+    "recurrent_problem",
     "rtrl",
     "tbptt",
     "truncated_es",
