@@ -30,7 +30,7 @@ import optax
 from pes_optax._src import particles
 from pes_optax._src import validation as v
 from pes_optax._src.estimate import add_estimate
-from pes_optax._src.problem import UnrolledProblem, step_weights
+from pes_optax._src.problem import UnrolledProblem, step_weights, strong
 
 PyTree = Any
 
@@ -94,11 +94,6 @@ def next_step(step: jax.Array, horizon: int) -> jax.Array:
 def cast_like(tree: PyTree, reference: PyTree) -> PyTree:
     """``tree`` in the (non-weak) dtypes of ``reference``."""
     return jax.tree.map(lambda x, r: jnp.asarray(x).astype(r.dtype), tree, reference)
-
-
-def strong(tree: PyTree) -> PyTree:
-    """Leaves without weak types, so that state types never change."""
-    return jax.tree.map(lambda x: jnp.asarray(x).astype(jnp.result_type(x)), tree)
 
 
 def scalar_loss(loss: Any) -> jax.Array:

@@ -17,7 +17,7 @@ from pes_optax._src import estimate as estimate_lib
 from pes_optax._src import particles
 from pes_optax._src import validation as v
 from pes_optax._src.estimate import ESDiagnostics
-from pes_optax._src.problem import UnrolledProblem
+from pes_optax._src.problem import UnrolledProblem, strong
 from pes_optax._src.sharding import constrain, particle_sharding
 
 PyTree = Any
@@ -159,8 +159,10 @@ def _persistent_es(
         v.check_theta(params, "params")
         init_key, offset_key, rng_key = jax.random.split(key, 3)
         zeros = _zeros_per_particle(params, num_particles)
-        inner_state = jax.vmap(problem.init, in_axes=(None, 0))(
-            init_key, particles.perturb(params, zeros)
+        inner_state = strong(
+            jax.vmap(problem.init, in_axes=(None, 0))(
+                init_key, particles.perturb(params, zeros)
+            )
         )
         episode_end = jnp.full((num_particles,), horizon, jnp.int32)
         if stagger:

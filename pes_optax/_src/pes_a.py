@@ -20,7 +20,7 @@ from pes_optax._src import particles
 from pes_optax._src import validation as v
 from pes_optax._src.es import _check_update_args, _next_diagnostics, _zeros_per_particle
 from pes_optax._src.estimate import ESDiagnostics
-from pes_optax._src.problem import UnrolledProblem
+from pes_optax._src.problem import UnrolledProblem, strong
 from pes_optax._src.sharding import particle_sharding
 
 PyTree = Any
@@ -120,11 +120,13 @@ def pes_a(
         init_key, rng_key = jax.random.split(key)
         zeros = _zeros_per_particle(params, num_particles)
         return PESAState(
-            inner_state=jax.vmap(problem.init, in_axes=(None, 0))(
-                init_key, particles.perturb(params, zeros)
+            inner_state=strong(
+                jax.vmap(problem.init, in_axes=(None, 0))(
+                    init_key, particles.perturb(params, zeros)
+                )
             ),
             accumulator=zeros,
-            mean_inner_state=problem.init(init_key, params),
+            mean_inner_state=strong(problem.init(init_key, params)),
             step=jnp.zeros((), jnp.int32),
             rng_key=rng_key,
             count=jnp.zeros((), jnp.int32),

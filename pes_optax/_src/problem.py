@@ -92,6 +92,11 @@ class UnrolledProblem:
             )
 
 
+def strong(tree: PyTree) -> PyTree:
+    """``tree`` without weak types, so that state types never change."""
+    return jax.tree.map(lambda x: jnp.asarray(x).astype(jnp.result_type(x)), tree)
+
+
 def step_weights(loss_reduction: str, truncation_length: int) -> jax.Array:
     """Weights ``w_k`` with which step ``k`` of a truncation enters its loss."""
     if loss_reduction == "sum":

@@ -21,7 +21,7 @@ from pes_optax._src.es import (
     _zeros_per_particle,
     map_particle_chunks,
 )
-from pes_optax._src.problem import UnrolledProblem
+from pes_optax._src.problem import UnrolledProblem, strong
 from pes_optax._src.sharding import particle_sharding
 
 
@@ -98,7 +98,7 @@ def truncated_es(
         v.check_theta(params, "params")
         init_key, rng_key = jax.random.split(key)
         return ESState(
-            inner_state=problem.init(init_key, params),
+            inner_state=strong(problem.init(init_key, params)),
             accumulator=(),
             perturbation=(),
             step=jnp.zeros((), jnp.int32),
