@@ -29,9 +29,7 @@ from pes_optax._src.estimate import NONFINITE_POLICIES as NONFINITE_POLICIES
 from pes_optax._src.estimate import ESDiagnostics as ESDiagnostics
 from pes_optax._src.metrics import find_diagnostics as find_diagnostics
 from pes_optax._src.online import RTRLState as RTRLState
-from pes_optax._src.online import UOROState as UOROState
 from pes_optax._src.online import rtrl as rtrl
-from pes_optax._src.online import uoro as uoro
 from pes_optax._src.pes import full_es as full_es
 from pes_optax._src.pes import nres as nres
 from pes_optax._src.pes import pes as pes
@@ -40,6 +38,8 @@ from pes_optax._src.pes_a import pes_a as pes_a
 from pes_optax._src.problem import UnrolledProblem as UnrolledProblem
 from pes_optax._src.problem import unroll as unroll
 from pes_optax._src.truncated_es import truncated_es as truncated_es
+from pes_optax._src.uoro import UOROState as UOROState
+from pes_optax._src.uoro import uoro as uoro
 
 __version__ = "0.1.0"
 
