@@ -526,3 +526,26 @@ def test_inner_training_rejects_bad_arguments():
         _linen_inner_problem(horizon=5, meta_loss="validation")
     with pytest.raises(ValueError, match="meta_loss"):
         _linen_inner_problem(horizon=5, meta_loss="test")
+
+
+def test_from_flax_nnx_accepts_plain_arrays_inside_nnx_optimizer():
+    """nnx.Optimizer hands its transform plain arrays, not nnx.Param leaves."""
+    cell = nnx.GRUCell(2, 3, rngs=nnx.Rngs(0))
+    xs = jnp.ones((30, 1, 2))
+    problem = pes_optax.from_flax_nnx(
+        cell,
+        (xs, xs[:, :, 0]),
+        lambda h, y: jnp.mean((h[:, 0] - y) ** 2),
+        init_carry=jnp.zeros((1, 3)),
+        horizon=10,
+    )
+    tx = optax.chain(
+        pes_optax.pes(problem, num_particles=8, sigma=0.05, truncation_length=5, key=0),
+        optax.sgd(1e-2),
+    )
+    optimizer = nnx.Optimizer(cell, tx, wrt=nnx.Param)
+    before = jax.tree.leaves(nnx.as_pure(nnx.state(cell, nnx.Param)))
+    optimizer.update(cell, jax.tree.map(jnp.zeros_like, nnx.state(cell, nnx.Param)))
+    after = jax.tree.leaves(nnx.as_pure(nnx.state(cell, nnx.Param)))
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    assert all(np.all(np.isfinite(a)) for a in after)

@@ -315,7 +315,18 @@ def from_flax_nnx(
         horizon=horizon,
         loss_reduction=loss_reduction,
         random_start=random_start,
-        reference_theta=params,
+        reference_theta=nnx.as_pure(params),
+    )
+    # Theta may come as nnx.Param variables (nnx.state) or as plain arrays
+    # (what nnx.Optimizer passes to its transform); both mean the same.
+    pure_problem = problem
+    problem = UnrolledProblem(
+        init=lambda key, theta: pure_problem.init(key, nnx.as_pure(theta)),
+        step=lambda theta, state, key, data: pure_problem.step(
+            nnx.as_pure(theta), state, key, data
+        ),
+        horizon=pure_problem.horizon,
+        loss_reduction=pure_problem.loss_reduction,
     )
     check_problem_shapes(problem, params, sequence)
     return problem
