@@ -213,15 +213,14 @@ def _persistent_es(
             data,
             truncation_length,
             sharding,
+            stagger,
         )
 
         # Weight each particle's losses by the scores they depend on.
         contributions = particles.particle_contributions(
             score_in, fresh_score, carry.loss_old, carry.loss_new
         )
-        finite = carry.finite & estimate_lib.tree_all_finite_per_particle(
-            contributions, carry.step.shape[0]
-        )
+        finite = carry.finite
         sums = estimate_lib.chunk_sums(
             contributions, carry.loss_old + carry.loss_new, finite, antithetic
         )

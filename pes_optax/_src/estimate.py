@@ -11,7 +11,8 @@ estimators:
   this update; the non-finite pairs are reset as above.
 
 Either way the number of pairs left out is reported in the state, and the
-estimate is finite.
+estimate is finite: should finite losses overflow in the weighted sum, the
+whole estimate is zero and every pair counts as left out.
 """
 
 from __future__ import annotations
@@ -47,14 +48,6 @@ def pair_mask(finite: jax.Array, antithetic: bool) -> jax.Array:
         return finite
     pair_ok = finite[0::2] & finite[1::2]
     return jnp.repeat(pair_ok, 2)
-
-
-def tree_all_finite_per_particle(tree: PyTree, num_particles: int) -> jax.Array:
-    flags = [
-        jnp.all(jnp.isfinite(leaf.reshape((num_particles, -1))), axis=1)
-        for leaf in jax.tree.leaves(tree)
-    ]
-    return jnp.stack(flags).all(axis=0)
 
 
 class ChunkSums(NamedTuple):
@@ -103,6 +96,13 @@ def finalize(
     variance = jnp.sum(jnp.where(keep, (losses - mean_loss) ** 2, 0.0)) / num_kept
     pair_size = 2 if antithetic else 1
     num_dropped = (keep.size - num_used) // pair_size
+
+    # Finite losses can still overflow in the weighted sum: drop it all then.
+    overflow = ~jnp.all(
+        jnp.stack([jnp.all(jnp.isfinite(t)) for t in jax.tree.leaves(estimate)])
+    )
+    estimate = jax.tree.map(lambda t: jnp.where(overflow, 0.0, t), estimate)
+    num_dropped = jnp.where(overflow, keep.size // pair_size, num_dropped)
     return estimate, (mean_loss, jnp.sqrt(variance), num_dropped.astype(jnp.int32))
 
 

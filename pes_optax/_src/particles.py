@@ -16,6 +16,8 @@ factories require ``truncation_length <= horizon``.
 
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -70,12 +72,16 @@ def perturbations_from_keys(
 ) -> PyTree:
     """The perturbations of the particles whose draw keys are ``keys``."""
     leaves, treedef = jax.tree.flatten(theta)
+    shapes = [jnp.shape(x) for x in leaves]
+    sizes = [math.prod(shape) for shape in shapes]
 
     def draw(one_key):
-        leaf_keys = jax.random.split(one_key, len(leaves))
+        # One draw of all P numbers per key, cut into theta's leaves.
+        flat = jax.random.normal(one_key, (sum(sizes),), jnp.float32)
+        cuts = list(itertools.accumulate(sizes))[:-1]
+        pieces = jnp.split(flat, cuts) if cuts else [flat]
         return [
-            jax.random.normal(k, jnp.shape(x), jnp.float32)
-            for k, x in zip(leaf_keys, leaves, strict=True)
+            piece.reshape(shape) for piece, shape in zip(pieces, shapes, strict=True)
         ]
 
     def spread(noise):
@@ -130,6 +136,7 @@ def run_truncation(
     data: PyTree | None,
     truncation_length: int,
     sharding=None,
+    staggered: bool = False,
 ) -> ParticleCarry:
     """Runs ``truncation_length`` steps of every particle.
 
@@ -139,6 +146,8 @@ def run_truncation(
     otherwise a particle keeps ``carry.perturbation`` for the whole truncation.
     All particles share the step keys and the data (common random numbers).
     With ``sharding``, the particle axis of the carry is kept on its devices.
+    Unless ``staggered``, every inner problem has the problem's horizon and
+    ``carry.episode_end`` is not consulted.
     """
     weights = step_weights(problem.loss_reduction, truncation_length)
     horizon = NO_END if problem.horizon is None else problem.horizon
@@ -182,13 +191,18 @@ def run_truncation(
         weighted = weight * loss
         zero = jnp.zeros_like(weighted)
         step = carry.step + 1
-        ended = step >= carry.episode_end
+        episode_end = carry.episode_end
+        if problem.horizon is not None:
+            ended = step >= (episode_end if staggered else horizon)
+            step = jnp.where(ended, 0, step)
+            if staggered:
+                episode_end = jnp.where(ended, horizon, episode_end)
         return (
             constrain(
                 ParticleCarry(
                     inner_state=inner_state,
-                    step=jnp.where(ended, 0, step),
-                    episode_end=jnp.where(ended, horizon, carry.episode_end),
+                    step=step,
+                    episode_end=episode_end,
                     perturbation=perturbation,
                     started=started,
                     loss_old=carry.loss_old + jnp.where(started, zero, weighted),

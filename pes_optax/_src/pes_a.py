@@ -186,9 +186,7 @@ def pes_a(
         contributions = particles.particle_contributions(
             state.accumulator, state.accumulator, centred, jnp.zeros_like(centred)
         )
-        finite = carry.finite & estimate_lib.tree_all_finite_per_particle(
-            contributions, num_particles
-        )
+        finite = carry.finite
         history, keep, stats = estimate_lib.reduce_estimate(
             contributions,
             carry.loss_old + carry.loss_new,

@@ -144,9 +144,7 @@ def truncated_es(
             contributions = particles.particle_contributions(
                 score, score, losses, jnp.zeros_like(losses)
             )
-            finite = carry.finite & estimate_lib.tree_all_finite_per_particle(
-                contributions, losses.shape[0]
-            )
+            finite = carry.finite
             return fields, estimate_lib.chunk_sums(
                 contributions, losses, finite, antithetic
             )
