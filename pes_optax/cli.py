@@ -14,56 +14,44 @@ one jitted step with a progress bar, prints a table of the initial and learned
 
 ``pes-optax list`` lists the tasks and the estimators. The same seed gives the
 same metrics.
+
+``pes-optax compare TASK --estimators pes,tbptt:10,...`` runs several
+estimators on one task (each with the task's per-estimator settings, see
+:mod:`pes_optax.experiments`), prints one table and writes ``comparison.png``,
+``comparison.csv``, ``comparison.json`` (plus ``heatmap.png`` for
+``toy_regression``) and one sub-folder of metrics per estimator.
+
+``pes-optax variance`` measures each ES estimator's error against the number
+of truncations per inner problem on a tiny LSTM over text that ships with
+Python, prints a Markdown table and writes ``variance.{csv,md,json,png}``.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import pathlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
+from pes_optax import experiments
 from pes_optax import tasks as tasks_lib
+from pes_optax._arguments import (
+    add_compare_parser,
+    add_variance_parser,
+    non_negative_int,
+    positive,
+)
 from pes_optax._runner import ESTIMATORS as ESTIMATORS
 from pes_optax._runner import METRIC_KEYS as METRIC_KEYS
 from pes_optax._runner import RunSettings as RunSettings
 from pes_optax._runner import run_task as run_task
 
 # --- Command line ----------------------------------------------------------
-
-
-def _positive(kind: type, name: str) -> Callable[[str], Any]:
-    """An argparse ``type`` accepting values of ``kind`` greater than 0."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            noun = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(
-                f"{name} must be {noun}, got {text!r}"
-            ) from None
-        if not (value > 0 and math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {text!r}")
-        return value
-
-    return parse
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seed must be an int, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"seed must be >= 0, got {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,35 +85,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--estimator", choices=sorted(ESTIMATORS), help="gradient estimator"
     )
     run.add_argument(
-        "--iterations", type=_positive(int, "--iterations"), help="outer updates"
+        "--iterations", type=positive(int, "--iterations"), help="outer updates"
     )
     run.add_argument(
         "--particles",
-        type=_positive(int, "--particles"),
+        type=positive(int, "--particles"),
         help="particles N, both members of each antithetic pair (even)",
     )
     run.add_argument(
         "--sigma",
-        type=_positive(float, "--sigma"),
+        type=positive(float, "--sigma"),
         help="standard deviation of the perturbations",
     )
     run.add_argument(
         "--truncation-length",
-        type=_positive(int, "--truncation-length"),
+        type=positive(int, "--truncation-length"),
         help="inner steps K per outer update",
     )
     run.add_argument(
         "--learning-rate",
-        type=_positive(float, "--learning-rate"),
+        type=positive(float, "--learning-rate"),
         help="learning rate of the task's outer optimizer",
     )
     run.add_argument(
         "--eval-every",
-        type=_positive(int, "--eval-every"),
+        type=positive(int, "--eval-every"),
         help="outer updates between evaluations of the meta-objective",
     )
     run.add_argument(
-        "--seed", type=_non_negative_int, default=0, help="random seed (default 0)"
+        "--seed",
+        type=non_negative_int("seed"),
+        default=0,
+        help="random seed (default 0)",
     )
     run.add_argument(
         "--out",
@@ -133,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder (default: runs/TASK-ESTIMATOR-seedSEED)",
     )
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_compare_parser(commands)
+    add_variance_parser(commands)
     return parser
 
 
@@ -211,6 +204,73 @@ def _check_applicable(parser, args, estimator: str) -> None:
         )
 
 
+def _check_out_dir(parser, out_dir: pathlib.Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        parser.error(f"--out {out_dir} exists and is not a folder; pick another.")
+
+
+def _compare(parser, args) -> int:
+    task = tasks_lib.get_task(args.task)
+    try:
+        entries = experiments.make_entries(
+            task,
+            args.estimators,
+            num_iterations=args.iterations,
+            num_particles=args.particles,
+            eval_every=args.eval_every,
+            seed=args.seed,
+        )
+        for entry in entries:
+            ESTIMATORS[entry.settings.estimator].build(
+                task.problem, entry.settings, jax.random.key(0)
+            )
+    except (TypeError, ValueError) as error:
+        parser.error(str(error))
+    out_dir = args.out or pathlib.Path("runs", f"compare-{task.name}-seed{args.seed}")
+    _check_out_dir(parser, out_dir)
+    result = experiments.compare(
+        task,
+        entries,
+        out_dir,
+        grid_resolution=args.grid_resolution,
+        progress=not args.no_progress,
+    )
+    print(experiments.format_table(result.rows))
+    if result.grid is not None:
+        grid = result.grid
+        print(
+            f"grid {grid['resolution']}^2 over {grid['bounds']}: optimum "
+            f"{_format_theta(grid['optimum_theta'])} meta-objective "
+            f"{grid['optimum_meta_objective']:.6g} ({grid['wall_time_s']:.1f} s)"
+        )
+    print("results in " + ", ".join(str(path) for path in result.files.values()))
+    return 0
+
+
+def _variance(parser, args) -> int:
+    fields = experiments.VarianceSettings._fields
+    settings = experiments.VarianceSettings(
+        **{field: getattr(args, field) for field in fields}
+    )
+    try:
+        experiments.check_variance_settings(settings)
+    except ValueError as error:
+        parser.error(str(error))
+    out_dir = args.out or pathlib.Path("runs", f"variance-seed{args.seed}")
+    _check_out_dir(parser, out_dir)
+    result = experiments.variance_study(settings, progress=not args.no_progress)
+    files = experiments.write_variance_outputs(result, out_dir)
+    summary = result.summary
+    print(f"{summary['num_parameters']} parameters; reference: {summary['reference']}")
+    print("normalised squared error, mean ± standard error over repeats:")
+    print(files["markdown"].read_text(), end="")
+    for scenario, ratios in summary["growth"].items():
+        shown = ", ".join(f"{name} x{ratio:.3g}" for name, ratio in ratios.items())
+        print(f"{scenario}: most / fewest truncations: {shown}")
+    print(f"wall time {summary['wall_time_s']:.1f} s; results in {out_dir}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pes-optax`` console script.
 
@@ -228,21 +288,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_listing()
         return 0
 
-    needed = ("tqdm", "matplotlib") + (("sklearn",) if args.task == "digits" else ())
+    task_name = getattr(args, "task", None)
+    needed = ("tqdm", "matplotlib") + (("sklearn",) if task_name == "digits" else ())
     missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
         parser.error(
-            f"`pes-optax run {args.task}` needs {', '.join(missing)}; install "
+            f"`pes-optax {args.command}` needs {', '.join(missing)}; install "
             "them with `pip install 'pes_optax[examples]'`."
         )
+    if args.command == "compare":
+        return _compare(parser, args)
+    if args.command == "variance":
+        return _variance(parser, args)
     task = tasks_lib.get_task(args.task)
     settings = _settings_from_args(args, task)
     _check_applicable(parser, args, settings.estimator)
     out_dir = args.out or pathlib.Path(
         "runs", f"{task.name}-{settings.estimator}-seed{settings.seed}"
     )
-    if out_dir.exists() and not out_dir.is_dir():
-        parser.error(f"--out {out_dir} exists and is not a folder; pick another.")
+    _check_out_dir(parser, out_dir)
     try:
         # The factories reject bad combinations (e.g. odd --particles).
         ESTIMATORS[settings.estimator].build(

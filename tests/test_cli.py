@@ -165,3 +165,51 @@ def test_gradient_method_entries_take_no_particles(tmp_path, monkeypatch, capsys
     with pytest.raises(SystemExit):
         cli.main(["run", "--estimator", "stand_in", "--particles", "4"])
     assert "--particles does not apply" in capsys.readouterr().err
+
+
+def test_compare_prints_one_table_and_writes_one_plot(tmp_path, capsys):
+    out = tmp_path / "compare"
+    args = ["compare", "influence_balancing", "--estimators", "pes,tbptt:10"]
+    args += ["--iterations", "3", "--particles", "4", "--no-progress"]
+    assert cli.main([*args, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "tbptt:10" in printed and "pes" in printed
+    payload = json.loads((out / "comparison.json").read_text())
+    assert [row["label"] for row in payload["rows"]] == ["pes", "tbptt:10"]
+    assert payload["rows"][0]["num_particles"] == 4
+    assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert len((out / "comparison.csv").read_text().splitlines()) == 3
+    assert (out / "tbptt_K10" / "summary.json").exists()
+
+
+def test_variance_prints_its_table(tmp_path, capsys):
+    out = tmp_path / "variance"
+    args = ["variance", "--tokens", "4", "--truncation-lengths", "4"]
+    args += ["--estimators", "nres", "--scenarios", "random", "--particles", "2"]
+    args += ["--repeats", "2", "--no-progress", "--out", str(out)]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| K | T/K | random nres |" in printed
+    for name in ("variance.csv", "variance.md", "variance.json", "variance.png"):
+        assert (out / name).exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["compare", "toy_regression", "--estimators", "sgd"], "NAME or NAME:K"),
+        (["compare", "toy_regression", "--estimators", "pes:0"], "must be >= 1"),
+        (["compare", "toy_regression", "--estimators", "pes,pes"], "distinct"),
+        (["compare", "toy_regression", "--grid-resolution", "1"], "or >= 2"),
+        (["compare", "toy_regression", "--particles", "3"], "`num_particles` must"),
+        (["variance", "--truncation-lengths", "3"], "must divide"),
+        (["variance", "--estimators", "bptt"], "`estimators` must be"),
+        (["variance", "--scenarios", "poems"], "`scenarios` must be"),
+        (["variance", "--repeats", "0"], "--repeats must be > 0"),
+    ],
+)
+def test_bad_study_arguments_are_argparse_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main(args)
+    assert excinfo.value.code == 2
+    assert message in capsys.readouterr().err
