@@ -6,9 +6,9 @@ values as plain arrays (``nnx.as_pure``), so ``tx = optax.chain(
 pes_optax.pes(problem, ...), optax.adam(...))`` works as is, provided the
 problem treats theta as that pure ``nnx.State``. Here the problem is built with
 ``pes_optax.recurrent_problem`` around ``nnx.merge(graphdef, theta)``, which
-accepts either form; ``pes_optax.from_flax_nnx`` accepts both forms too. Keyword arguments of ``optimizer.update(model, grads,
-data=...)`` reach the estimator too. Pass zero ``grads``: the estimator adds
-its estimate to them.
+accepts either form (so does ``pes_optax.from_flax_nnx``). Keyword arguments
+of ``optimizer.update(model, grads, data=...)`` reach the estimator too. Pass
+zero ``grads``: the estimator adds its estimate to them.
 
 The model: an ``nnx.GRUCell`` with a linear readout reads scikit-learn's 8x8
 digits one pixel row at a time, 16 images side by side, and predicts the next
