@@ -218,7 +218,12 @@ def test_skip_update_policy_zeroes_the_whole_estimate():
     )
     estimate, state = skip.update(jnp.zeros(()), skip.init(theta), theta)
     assert float(estimate) == 0.0
-    assert int(state.diagnostics.num_dropped_pairs) == 32
+    # The count is of the non-finite pairs, as with "drop_pair".
+    drop = pes_optax.pes(_nan_above_one_problem(), **kwargs)
+    _, drop_state = drop.update(jnp.zeros(()), drop.init(theta), theta)
+    dropped = int(drop_state.diagnostics.num_dropped_pairs)
+    assert 0 < dropped < 32
+    assert int(state.diagnostics.num_dropped_pairs) == dropped
 
 
 def _run(transform, theta, num_updates, jit=True):
@@ -425,7 +430,7 @@ def _pes(**overrides):
         ({"num_particles": 5}, ValueError, "num_particles.*even.*5"),
         ({"num_particles": 0}, ValueError, "num_particles.*>= 1"),
         ({"num_particles": 2.0}, TypeError, "num_particles"),
-        ({"sigma": 0.0}, ValueError, "sigma.*> 0.*0.0"),
+        ({"sigma": 0.0}, ValueError, "sigma.*0.0.*> 0"),
         ({"sigma": -1.0}, ValueError, "sigma"),
         ({"sigma": float("nan")}, ValueError, "sigma"),
         ({"sigma": "0.1"}, TypeError, "sigma"),
@@ -571,3 +576,87 @@ def test_overflowing_weighted_sum_is_dropped_not_propagated():
     )
     assert float(estimate) == 0.0
     assert int(state.diagnostics.num_dropped_pairs) == 4
+
+
+# ---------------------------------------------------------------- robustness
+
+
+ALL_FACTORIES = {
+    "pes": lambda p: pes_optax.pes(
+        p, num_particles=4, sigma=0.1, truncation_length=2, key=0
+    ),
+    "nres": lambda p: pes_optax.nres(
+        p, num_particles=4, sigma=0.1, truncation_length=2, key=0
+    ),
+    "full_es": lambda p: pes_optax.full_es(p, num_particles=4, sigma=0.1, key=0),
+    "pes_a": lambda p: pes_optax.pes_a(
+        p, num_particles=4, sigma=0.1, truncation_length=2, key=0
+    ),
+    "truncated_es": lambda p: pes_optax.truncated_es(
+        p, num_particles=4, sigma=0.1, truncation_length=2, key=0
+    ),
+    "bptt": lambda p: pes_optax.bptt(p, key=0),
+    "tbptt": lambda p: pes_optax.tbptt(p, truncation_length=2, key=0),
+    "rtrl": lambda p: pes_optax.rtrl(p, truncation_length=2, key=0),
+    "uoro": lambda p: pes_optax.uoro(p, truncation_length=2, key=0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALL_FACTORIES))
+def test_python_float_theta_is_accepted(name):
+    transform = ALL_FACTORIES[name](_recording_problem(horizon=4))
+    estimate, _ = transform.update(0.0, transform.init(0.5), 0.5)
+    assert np.isfinite(float(estimate))
+
+
+@pytest.mark.parametrize("name", sorted(ALL_FACTORIES))
+def test_step_returning_one_value_gets_a_clear_error(name):
+    problem = pes_optax.UnrolledProblem(
+        lambda key, theta: jnp.zeros(()), lambda theta, s, key, data: s + theta, 4
+    )
+    transform = ALL_FACTORIES[name](problem)
+    with pytest.raises(TypeError, match=r"`step` must return a pair"):
+        transform.update(
+            jnp.zeros(()), transform.init(jnp.asarray(0.5)), jnp.asarray(0.5)
+        )
+
+
+@pytest.mark.parametrize("name", sorted(ALL_FACTORIES))
+def test_every_estimator_records_its_settings(name):
+    config = ALL_FACTORIES[name](_recording_problem(horizon=4)).update.estimator_config
+    assert config["estimator"] == name
+
+
+def test_state_of_another_estimator_is_refused():
+    problem = _recording_problem(horizon=4)
+    pes_state = ALL_FACTORIES["pes"](problem).init(jnp.asarray(0.5))
+    for name in ("nres", "pes_a", "truncated_es"):
+        with pytest.raises(TypeError, match="state"):
+            ALL_FACTORIES[name](problem).update(
+                jnp.zeros(()), pes_state, jnp.asarray(0.5)
+            )
+
+
+@pytest.mark.parametrize(
+    "sigma",
+    [1e-30, 1e39, optax.linear_schedule(0.1, 0.0, 5), lambda count: 0.1 - count],
+)
+def test_unusable_sigma_values_and_schedules_are_refused(sigma):
+    with pytest.raises(ValueError, match="sigma"):
+        _pes(sigma=sigma)
+
+
+def test_numpy_and_jax_scalars_are_accepted():
+    problem = pes_optax.UnrolledProblem(
+        lambda key, theta: jnp.zeros(()),
+        lambda theta, s, key, data: (s + theta, s**2),
+        horizon=np.int64(4),
+    )
+    assert problem.horizon == 4 and isinstance(problem.horizon, int)
+    _pes(problem=problem, sigma=jnp.asarray(0.1))
+    _pes(problem=problem, sigma=np.float32(0.1), num_particles=np.int64(4))
+
+
+def test_seed_must_fit_in_64_bits():
+    with pytest.raises(ValueError, match="seed"):
+        _pes(key=2**63)

@@ -56,3 +56,30 @@ def test_problem_rejects_non_callables():
         pes_optax.UnrolledProblem(init=3, step=lambda *a: a)
     with pytest.raises(TypeError, match="step"):
         pes_optax.UnrolledProblem(init=lambda *a: a, step=None)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_steps": 0}, "num_steps"),
+        ({"num_steps": -3}, "num_steps"),
+        ({"num_steps": 3, "data": jnp.zeros(4)}, "data.*num_steps=3"),
+    ],
+)
+def test_unroll_checks_its_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        pes_optax.unroll(_counter_problem(), 1.0, 0, **kwargs)
+
+
+def test_unroll_accepts_an_int_seed():
+    np.testing.assert_allclose(pes_optax.unroll(_counter_problem(), 1.0, 0), 10.0)
+
+
+def test_step_with_a_vector_loss_is_refused():
+    problem = pes_optax.UnrolledProblem(
+        lambda key, theta: jnp.zeros(()),
+        lambda theta, s, key, data: (s, jnp.ones(3)),
+        horizon=2,
+    )
+    with pytest.raises(ValueError, match="scalar loss.*\\(3,\\)"):
+        pes_optax.unroll(problem, 1.0, 0)

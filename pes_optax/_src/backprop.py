@@ -295,7 +295,11 @@ def bptt(
         diagnostics = next_diagnostics(state.diagnostics, loss, finite, horizon)
         return add_estimate(updates, estimate), BPTTState(rng_key, diagnostics)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return v.tag(
+        optax.GradientTransformationExtraArgs(init_fn, update_fn),
+        estimator="bptt",
+        checkpoint_every=checkpoint_every,
+    )
 
 
 def tbptt(
@@ -396,4 +400,8 @@ def tbptt(
         )
         return add_estimate(updates, estimate), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return v.tag(
+        optax.GradientTransformationExtraArgs(init_fn, update_fn),
+        estimator="tbptt",
+        truncation_length=truncation_length,
+    )

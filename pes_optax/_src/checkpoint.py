@@ -7,9 +7,16 @@ A checkpoint directory holds
   stored as their raw ``uint32`` data (``jax.random.key_data``) and re-wrapped
   on load with the implementation recorded for them;
 * ``driver.json``: the outer step, the metrics so far and a *fingerprint* of
-  the configuration (the estimator, and the path, shape and dtype of every
-  leaf of theta and of the state, plus a user ``config``). It is written
-  last, so a directory without it is an incomplete save.
+  the configuration (the estimator's update function and its settings, the
+  path, shape and dtype of every leaf of theta and of the state, plus a user
+  ``config``). It is written last, so a directory without it is an
+  incomplete save.
+
+The estimator's settings come from ``estimator.update.estimator_config``, a
+JSON dict that the package's factories attach (name, ``num_particles``,
+``sigma``, ``truncation_length``, ...). The outer optimizer's
+hyperparameters cannot be read back from an optax transformation; record
+them in the user ``config``.
 
 Loading compares fingerprints first and refuses a checkpoint from a different
 configuration with a ``ValueError`` that names the first difference. No
@@ -21,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -36,6 +44,21 @@ _HINTS = {
         " (was it saved with another num_particles, estimator or optimizer?)"
     ),
 }
+
+
+def check_config(config: Any) -> dict[str, Any]:
+    """The user ``config`` of a driver as JSON data (``{}`` for ``None``)."""
+    if config is None:
+        return {}
+    if not isinstance(config, Mapping):
+        raise TypeError(f"`config` must be a mapping or None, got {config!r}.")
+    try:
+        return json.loads(json.dumps(dict(config)))
+    except (TypeError, ValueError) as error:
+        raise TypeError(
+            f"`config` must hold JSON data (str, numbers, bools, lists, "
+            f"dicts) to be stored with checkpoints: {error}."
+        ) from None
 
 
 def _is_key(leaf: Any) -> bool:
@@ -58,6 +81,15 @@ def tree_fingerprint(tree: PyTree) -> dict[str, Any]:
     return {"treedef": str(treedef), "leaves": specs}
 
 
+def estimator_settings(estimator: Any) -> dict[str, Any] | None:
+    """The estimator's ``update.estimator_config`` as JSON data, or ``None``."""
+    settings = getattr(estimator.update, "estimator_config", None)
+    if settings is None:
+        return None
+    # Non-JSON values (e.g. a schedule) are compared by their string form.
+    return json.loads(json.dumps(dict(settings), default=str))
+
+
 def fingerprint(
     estimator: Any, theta: PyTree, state: PyTree, config: dict[str, Any]
 ) -> dict[str, Any]:
@@ -67,6 +99,7 @@ def fingerprint(
     return {
         "format": FORMAT_VERSION,
         "estimator": f"{getattr(update, '__module__', '')}.{name}",
+        "estimator_config": estimator_settings(estimator),
         "config": config,
         "theta": tree_fingerprint(theta),
         "state": tree_fingerprint(state),
@@ -97,13 +130,32 @@ def _tree_difference(what: str, saved: dict, current: dict) -> str | None:
     return None
 
 
-def _config_difference(saved: dict, current: dict) -> str | None:
-    for name in sorted(set(saved) | set(current)):
+def _config_difference(what: str, saved: dict, current: dict) -> str | None:
+    # The estimator's name first: a sigma mismatch is moot between estimators.
+    names = sorted(set(saved) | set(current), key=lambda k: (k != "estimator", k))
+    for name in names:
         if saved.get(name, "<missing>") != current.get(name, "<missing>"):
             return (
-                f"config[{name!r}] is {saved.get(name, '<missing>')!r} in the "
+                f"{what}[{name!r}] is {saved.get(name, '<missing>')!r} in the "
                 f"checkpoint but {current.get(name, '<missing>')!r} here"
             )
+    return None
+
+
+def _estimator_difference(saved: dict, current: dict) -> str | None:
+    # Checkpoints of estimators without `estimator_config` (custom
+    # transformations, older versions) are compared by update function only.
+    saved_settings = saved.get("estimator_config")
+    current_settings = current["estimator_config"]
+    if saved_settings is not None and current_settings is not None:
+        found = _config_difference("estimator_config", saved_settings, current_settings)
+        if found is not None:
+            return found
+    if saved["estimator"] != current["estimator"]:
+        return (
+            f"the estimator is {saved['estimator']} in the checkpoint but "
+            f"{current['estimator']} here"
+        )
     return None
 
 
@@ -114,13 +166,9 @@ def first_difference(saved: dict[str, Any], current: dict[str, Any]) -> str | No
             f"checkpoint format is {saved.get('format')!r}, this version reads "
             f"{current['format']}"
         )
-    if saved["estimator"] != current["estimator"]:
-        return (
-            f"the estimator is {saved['estimator']} in the checkpoint but "
-            f"{current['estimator']} here"
-        )
     return (
-        _config_difference(saved["config"], current["config"])
+        _estimator_difference(saved, current)
+        or _config_difference("config", saved["config"], current["config"])
         or _tree_difference("theta", saved["theta"], current["theta"])
         or _tree_difference("optimizer state", saved["state"], current["state"])
     )
@@ -176,7 +224,14 @@ def save(
 
     directory = pathlib.Path(directory).absolute()
     _check_target(directory, overwrite)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(
+            f"`directory` {str(directory)!r} cannot be created "
+            f"({error.strerror or error}); choose a path under a folder you can "
+            "write to, whose parents are folders and not files."
+        ) from None
 
     # Un-commit first, so that a crash mid-save leaves no valid checkpoint.
     (directory / META_FILE).unlink(missing_ok=True)

@@ -11,8 +11,6 @@ driver shows progress.
 from __future__ import annotations
 
 import functools
-import importlib.util
-import json
 import numbers
 import os
 import time
@@ -58,18 +56,21 @@ def _check_eval(eval_fn: Any, eval_every: Any) -> int | None:
     return v.check_positive_int("eval_every", eval_every)
 
 
-def _check_config(config: Any) -> dict[str, Any]:
-    if config is None:
-        return {}
-    if not isinstance(config, Mapping):
-        raise TypeError(f"`config` must be a mapping or None, got {config!r}.")
+def _check_eval_key(eval_key: Any) -> jax.Array:
     try:
-        return json.loads(json.dumps(dict(config)))
+        key = v.check_key(eval_key)
     except (TypeError, ValueError) as error:
-        raise TypeError(
-            f"`config` must hold JSON data (str, numbers, bools, lists, "
-            f"dicts) to be stored with checkpoints: {error}."
-        ) from None
+        # check_key speaks of `key`; this argument is `eval_key`.
+        raise type(error)(str(error).replace("`key`", "`eval_key`")) from None
+    return jax.random.fold_in(key, _EVAL_STREAM)
+
+
+def _check_num_steps(num_steps: Any) -> int:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
+        raise TypeError(f"`num_steps` must be an int >= 0, got {num_steps!r}.")
+    if num_steps < 0:
+        raise ValueError(f"`num_steps` must be an int >= 0, got {num_steps!r}.")
+    return int(num_steps)
 
 
 class Driver:
@@ -99,9 +100,12 @@ class Driver:
       eval_fn: Optional ``(theta, key) -> scalar`` evaluation.
       eval_every: Outer steps between evaluations; required with ``eval_fn``.
       eval_key: Typed PRNG key or int seed for the evaluation stream.
-      config: Optional JSON-serialisable description of the run (e.g. the
-        estimator's settings). It is stored with checkpoints, and a checkpoint
-        whose config differs is refused.
+      config: Optional JSON-serialisable description of the run, stored with
+        checkpoints; a checkpoint whose config differs is refused. The
+        estimator's own settings (``update.estimator_config``) are checked
+        without it, but the outer optimizer's hyperparameters cannot be read
+        back from an optax transformation: record them here, e.g.
+        ``config={"optimizer": "adam", "learning_rate": 1e-2}``.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, pes_optax
@@ -137,8 +141,8 @@ class Driver:
                 f"`data_fn` must be a callable step -> data, got {data_fn!r}."
             )
         self._eval_every = _check_eval(eval_fn, eval_every)
-        self._eval_key = jax.random.fold_in(v.check_key(eval_key), _EVAL_STREAM)
-        self._config = _check_config(config)
+        self._eval_key = _check_eval_key(eval_key)
+        self._config = checkpoint_lib.check_config(config)
         self._estimator = estimator
         self._optimizer = optax.with_extra_args_support(optimizer)
         self._transform = optax.chain(estimator, optimizer)
@@ -249,8 +253,8 @@ class Driver:
         runs one step per call.
 
         Args:
-          num_steps: Outer steps to take (0 does nothing).
-          steps_per_call: Outer steps per compiled call.
+          num_steps: Outer steps to take (0 does nothing); an int, not a bool.
+          steps_per_call: Outer steps per compiled call; an int >= 1.
           progress: Show a tqdm bar with the loss and the throughput. ``None``
             (default) shows it when tqdm is installed (the ``examples``
             extra); ``True`` requires tqdm.
@@ -258,21 +262,9 @@ class Driver:
         Returns:
           The metric rows of the steps taken, as in :attr:`metrics`.
         """
-        if not (isinstance(num_steps, numbers.Integral) and num_steps >= 0):
-            raise ValueError(f"`num_steps` must be an int >= 0, got {num_steps!r}.")
+        num_steps = _check_num_steps(num_steps)
         steps_per_call = v.check_positive_int("steps_per_call", steps_per_call)
-        bar = None
-        if progress is None:
-            progress = importlib.util.find_spec("tqdm") is not None
-        if progress:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError as error:
-                raise ImportError(
-                    "`progress=True` needs tqdm: pip install 'pes_optax[examples]'"
-                    " or pass progress=False."
-                ) from error
-            bar = tqdm(total=int(num_steps), unit="step", desc="meta-training")
+        bar = metrics_lib.progress_bar(progress, num_steps)
         rows, start = [], time.perf_counter()
         try:
             while len(rows) < num_steps:
@@ -296,6 +288,11 @@ class Driver:
         Args:
           path: The file; its suffix chooses the format. A CSV has one column
             per metric name, empty where a step lacks it (``eval_loss``).
+            Missing parent folders are created.
+
+        Raises:
+          ValueError: If the suffix is unknown or the file cannot be written
+            (e.g. a parent is a file).
         """
         metrics_lib.write_metrics(self._rows, path)
 
@@ -304,7 +301,10 @@ class Driver:
 
         Args:
           path: The PNG file to write (matplotlib's Agg backend; pyplot's
-            global state is not touched).
+            global state is not touched). Missing parent folders are created.
+
+        Raises:
+          ValueError: If nothing has run yet or the file cannot be written.
         """
         metrics_lib.plot_metrics(self._rows, path)
 
@@ -324,8 +324,12 @@ class Driver:
 
         Args:
           directory: A new or empty directory (or one of our checkpoints, with
-            ``overwrite=True``).
+            ``overwrite=True``); missing parent folders are created.
           overwrite: Replace a checkpoint already in ``directory``.
+
+        Raises:
+          ValueError: If ``directory`` holds other files or a checkpoint (and
+            not ``overwrite``), is a file, or cannot be created.
         """
         meta = {
             "fingerprint": self._fingerprint(),

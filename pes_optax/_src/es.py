@@ -55,10 +55,22 @@ def _scale(tree: PyTree, factor: jax.Array) -> PyTree:
     return jax.tree.map(lambda x: x * factor, tree)
 
 
-def _check_update_args(updates, state, params, data, truncation_length, persistent):
+def _is_empty(tree: PyTree) -> bool:
+    return isinstance(tree, tuple) and not tree
+
+
+def _check_update_args(
+    updates, state, params, data, truncation_length, persistent, state_type=None
+):
+    v.check_state_type(state, state_type or ESState, "an ES estimator")
     v.check_theta(params, "params")
     v.check_same_structure("updates", updates, params, "the structure of `params`")
     if persistent:
+        if _is_empty(state.accumulator):
+            raise TypeError(
+                "`state` was built by truncated_es (no per-particle "
+                "accumulators); pass the state of this estimator's init."
+            )
         first_particle = jax.tree.map(lambda a: a[0], state.accumulator)
         v.check_same_structure(
             "params", params, first_particle, "the theta the state was built for"
@@ -130,6 +142,7 @@ def _persistent_es(
     mesh,
     particle_axis,
     particle_chunk_size,
+    name,
 ) -> optax.GradientTransformationExtraArgs:
     """Shared body of :func:`pes`, :func:`nres` and :func:`full_es`."""
     problem = v.check_problem(problem)
@@ -245,6 +258,11 @@ def _persistent_es(
     def update_fn(updates, state, params=None, *, data=None, **extra_args):
         del extra_args
         _check_update_args(updates, state, params, data, truncation_length, True)
+        if _is_empty(state.perturbation) == reuse_noise:
+            raise TypeError(
+                f"`state` was built by another estimator than {name} (its "
+                "perturbation field does not fit); pass this estimator's state."
+            )
         sigma_now = jnp.asarray(sigma_fn(state.count), jnp.float32)
         rng_key, noise_key, steps_key = jax.random.split(state.rng_key, 3)
         draw_keys = particles.draw_keys(noise_key, num_particles, antithetic)
@@ -265,4 +283,14 @@ def _persistent_es(
         )
         return estimate_lib.add_estimate(updates, estimate), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return v.tag(
+        optax.GradientTransformationExtraArgs(init_fn, update_fn),
+        estimator=name,
+        num_particles=num_particles,
+        sigma=v.describe_sigma(sigma),
+        truncation_length=truncation_length,
+        antithetic=antithetic,
+        stagger=bool(stagger),
+        nonfinite_policy=nonfinite_policy,
+        particle_chunk_size=particle_chunk_size,
+    )

@@ -95,7 +95,7 @@ def finalize(
     mean_loss = jnp.sum(jnp.where(keep, losses, 0.0)) / num_kept
     variance = jnp.sum(jnp.where(keep, (losses - mean_loss) ** 2, 0.0)) / num_kept
     pair_size = 2 if antithetic else 1
-    num_dropped = (keep.size - num_used) // pair_size
+    num_dropped = (keep.size - sums.num_kept) // pair_size
 
     # Finite losses can still overflow in the weighted sum: drop it all then.
     overflow = ~jnp.all(
@@ -126,5 +126,7 @@ def reduce_estimate(
 def add_estimate(updates: PyTree, estimate: PyTree) -> PyTree:
     """``updates + estimate`` in the dtypes of ``updates``."""
     return jax.tree.map(
-        lambda u, g: (u.astype(jnp.float32) + g).astype(u.dtype), updates, estimate
+        lambda u, g: (jnp.asarray(u, jnp.float32) + g).astype(jnp.result_type(u)),
+        updates,
+        estimate,
     )

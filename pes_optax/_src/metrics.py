@@ -9,9 +9,11 @@ draws them with matplotlib's Agg backend (imported only when plotting).
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 import os
+import pathlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -87,27 +89,42 @@ def step_metrics(estimator_state: PyTree, estimate: PyTree) -> dict[str, jax.Arr
     return metrics
 
 
-def _python_scalar(value: Any) -> int | float:
-    item = value.item()
-    return float(item) if isinstance(item, float) else int(item)
-
-
 def to_rows(
     metrics: dict[str, Any], first_step: int, eval_every: int | None
 ) -> list[Row]:
     """Host-side ``{name: [S]}`` arrays of a chunk of steps -> one row a step."""
-    length = len(metrics["grad_norm"])
+    # One host conversion per metric: tolist() gives Python ints and floats.
+    columns = {name: metrics[name].tolist() for name in metrics}
+    names = [name for name in ROW_ORDER if name in columns]
     rows = []
-    for i in range(length):
+    for i in range(len(columns["grad_norm"])):
         step = first_step + i
         row: Row = {"step": step}
-        for name in ROW_ORDER:
-            if name in metrics:
-                row[name] = _python_scalar(metrics[name][i])
+        for name in names:
+            row[name] = columns[name][i]
         if eval_every is not None and step % eval_every == 0:
-            row["eval_loss"] = _python_scalar(metrics["eval_loss"][i])
+            row["eval_loss"] = columns["eval_loss"][i]
         rows.append(row)
     return rows
+
+
+def progress_bar(progress: bool | None, total: int) -> Any | None:
+    """A tqdm bar for ``total`` outer steps, or ``None`` when not shown.
+
+    ``progress=None`` shows one when tqdm is installed; ``True`` requires it.
+    """
+    if progress is None:
+        progress = importlib.util.find_spec("tqdm") is not None
+    if not progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as error:
+        raise ImportError(
+            "`progress=True` needs tqdm: pip install 'pes_optax[examples]'"
+            " or pass progress=False."
+        ) from error
+    return tqdm(total=total, unit="step", desc="meta-training")
 
 
 def progress_postfix(rows: list[dict[str, Any]], seconds: float) -> dict[str, str]:
@@ -129,24 +146,50 @@ def _columns(rows: Sequence[Row]) -> list[str]:
     return list(columns)
 
 
-def write_metrics(rows: Sequence[Row], path: str | os.PathLike) -> None:
-    """Writes rows as JSON lines (``.jsonl``) or CSV (``.csv``), by suffix."""
-    suffix = os.path.splitext(os.fspath(path))[1].lower()
+def _unwritable(path: str | os.PathLike, error: OSError) -> ValueError:
+    return ValueError(
+        f"`path` {os.fspath(path)!r} cannot be written ({error.strerror or error});"
+        " choose a file name (not a folder) under folders you can write to."
+    )
+
+
+def _make_parent(path: str | os.PathLike) -> None:
+    """Creates the missing folders above ``path``."""
+    try:
+        pathlib.Path(path).absolute().parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _unwritable(path, error) from None
+
+
+def _write_rows(rows: Sequence[Row], path: str | os.PathLike, suffix: str) -> None:
     if suffix in JSONL_SUFFIXES:
         with open(path, "w", encoding="utf-8") as file:
             for row in rows:
                 file.write(json.dumps(row) + "\n")
-    elif suffix in CSV_SUFFIXES:
+    else:
         with open(path, "w", encoding="utf-8", newline="") as file:
             writer = csv.DictWriter(file, fieldnames=_columns(rows), restval="")
             writer.writeheader()
             writer.writerows(rows)
-    else:
+
+
+def write_metrics(rows: Sequence[Row], path: str | os.PathLike) -> None:
+    """Writes rows as JSON lines (``.jsonl``) or CSV (``.csv``), by suffix.
+
+    Missing parent folders are created.
+    """
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    if suffix not in JSONL_SUFFIXES + CSV_SUFFIXES:
         raise ValueError(
             f"`path` must end in one of {JSONL_SUFFIXES + CSV_SUFFIXES} to choose "
             f"the format, got {os.fspath(path)!r}. Use e.g. 'metrics.jsonl' or "
             "'metrics.csv'."
         )
+    _make_parent(path)
+    try:
+        _write_rows(rows, path, suffix)
+    except OSError as error:
+        raise _unwritable(path, error) from None
 
 
 def _series(rows: Sequence[Row], name: str) -> tuple[list[int], list[float]]:
@@ -156,7 +199,10 @@ def _series(rows: Sequence[Row], name: str) -> tuple[list[int], list[float]]:
 
 
 def plot_metrics(rows: Sequence[Row], path: str | os.PathLike) -> None:
-    """Saves a PNG of the training loss and, if recorded, the eval loss."""
+    """Saves a PNG of the training loss and, if recorded, the eval loss.
+
+    Missing parent folders are created.
+    """
     if not rows:
         raise ValueError("There are no metrics to plot yet; call `run` before `plot`.")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -174,4 +220,8 @@ def plot_metrics(rows: Sequence[Row], path: str | os.PathLike) -> None:
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("outer step")
-    figure.savefig(path, format="png")
+    _make_parent(path)
+    try:
+        figure.savefig(path, format="png")
+    except OSError as error:
+        raise _unwritable(path, error) from None

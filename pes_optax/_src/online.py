@@ -281,7 +281,11 @@ def rtrl(
         )
         return add_estimate(updates, estimate), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return v.tag(
+        optax.GradientTransformationExtraArgs(init_fn, update_fn),
+        estimator="rtrl",
+        truncation_length=truncation_length,
+    )
 
 
 # UORO.

@@ -98,7 +98,9 @@ def perturbations_from_keys(
 def perturb(theta: PyTree, perturbation: PyTree) -> PyTree:
     """``theta + perturbation`` per particle, in theta's dtypes."""
     return jax.tree.map(
-        lambda t, e: (t.astype(jnp.float32) + e).astype(t.dtype), theta, perturbation
+        lambda t, e: (jnp.asarray(t, jnp.float32) + e).astype(jnp.result_type(t)),
+        theta,
+        perturbation,
     )
 
 
@@ -180,11 +182,6 @@ def run_truncation(
             particle_theta, inner_state, inner_key, step_data
         )
         loss = jnp.asarray(loss, jnp.float32)
-        if loss.shape != start.shape:
-            raise ValueError(
-                "`step` must return a scalar loss; got a loss of shape "
-                f"{loss.shape[1:]} per particle."
-            )
 
         # Credit the loss to the old or the new inner problem.
         started = carry.started | start

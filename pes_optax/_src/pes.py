@@ -130,6 +130,7 @@ def pes(
         mesh=mesh,
         particle_axis=particle_axis,
         particle_chunk_size=particle_chunk_size,
+        name="pes",
     )
 
 
@@ -207,6 +208,7 @@ def nres(
         mesh=mesh,
         particle_axis=particle_axis,
         particle_chunk_size=particle_chunk_size,
+        name="nres",
     )
 
 
@@ -279,4 +281,5 @@ def full_es(
         mesh=mesh,
         particle_axis=particle_axis,
         particle_chunk_size=particle_chunk_size,
+        name="full_es",
     )

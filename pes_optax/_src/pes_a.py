@@ -148,7 +148,9 @@ def pes_a(
 
     def update_fn(updates, state, params=None, *, data=None, **extra_args):
         del extra_args
-        _check_update_args(updates, state, params, data, truncation_length, True)
+        _check_update_args(
+            updates, state, params, data, truncation_length, True, PESAState
+        )
         sigma_now = jnp.asarray(sigma_fn(state.count), jnp.float32)
         rng_key, noise_key, steps_key = jax.random.split(state.rng_key, 3)
 
@@ -224,4 +226,11 @@ def pes_a(
         )
         return estimate_lib.add_estimate(updates, estimate), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return v.tag(
+        optax.GradientTransformationExtraArgs(init_fn, update_fn),
+        estimator="pes_a",
+        num_particles=num_particles,
+        sigma=v.describe_sigma(sigma),
+        truncation_length=truncation_length,
+        antithetic=antithetic,
+    )

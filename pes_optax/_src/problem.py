@@ -21,6 +21,8 @@ caller passes nothing, in which case ``step`` draws what it needs from
 from __future__ import annotations
 
 import dataclasses
+import functools
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -75,11 +77,16 @@ class UnrolledProblem:
                 "`step` must be a callable (theta, inner_state, key, data) -> "
                 f"(inner_state, loss), got {self.step!r}."
             )
+        if not getattr(self.step, "_pes_optax_checked", False):
+            object.__setattr__(self, "step", _checked_step(self.step))
         if self.horizon is not None:
-            if isinstance(self.horizon, bool) or not isinstance(self.horizon, int):
+            if isinstance(self.horizon, bool) or not isinstance(
+                self.horizon, numbers.Integral
+            ):
                 raise TypeError(
                     f"`horizon` must be a positive int or None, got {self.horizon!r}."
                 )
+            object.__setattr__(self, "horizon", int(self.horizon))
             if self.horizon < 1:
                 raise ValueError(
                     f"`horizon` must be >= 1 (or None for an endless inner "
@@ -90,6 +97,33 @@ class UnrolledProblem:
                 f"`loss_reduction` must be one of {LOSS_REDUCTIONS}, got "
                 f"{self.loss_reduction!r}."
             )
+
+
+def _checked_step(step: StepFn) -> StepFn:
+    """``step`` with its output checked when it is traced."""
+
+    @functools.wraps(step)
+    def checked(theta, inner_state, key, data):
+        out = step(theta, inner_state, key, data)
+        if not isinstance(out, tuple | list) or len(out) != 2:
+            if isinstance(out, tuple | list):
+                got = f"a {type(out).__name__} of length {len(out)}"
+            else:
+                got = f"a single value of shape {jnp.shape(out)}"
+            raise TypeError(
+                f"`step` must return a pair (inner_state, loss); got {got}. "
+                "Return the new inner state and the step's scalar loss."
+            )
+        new_state, loss = out
+        if jnp.ndim(loss) != 0:
+            raise ValueError(
+                "`step` must return a scalar loss; got a loss of shape "
+                f"{jnp.shape(loss)}. Reduce it (e.g. with .mean()) inside step."
+            )
+        return new_state, loss
+
+    checked._pes_optax_checked = True
+    return checked
 
 
 def strong(tree: PyTree) -> PyTree:
@@ -132,12 +166,19 @@ def unroll(
     Returns:
       A float32 scalar, differentiable in ``theta``.
     """
+    from pes_optax._src import validation as v  # validation imports this module
+
+    problem = v.check_problem(problem)
     num_steps = problem.horizon if num_steps is None else num_steps
     if num_steps is None:
         raise ValueError(
             "`num_steps` is required for a problem with `horizon=None`; pass "
             "the number of inner steps to run."
         )
+    num_steps = v.check_positive_int("num_steps", num_steps)
+    key = v.check_key(key)
+    if data is not None:
+        v.check_data(data, num_steps, "num_steps")
     # Keys as the estimators make them: one per step, split into the key of
     # a start (used at step 0) and the key of the step itself.
     keys = jax.vmap(jax.random.split)(jax.random.split(key, num_steps))

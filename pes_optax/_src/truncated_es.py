@@ -17,6 +17,7 @@ from pes_optax._src import validation as v
 from pes_optax._src.es import (
     ESState,
     _check_update_args,
+    _is_empty,
     _next_diagnostics,
     _zeros_per_particle,
     map_particle_chunks,
@@ -111,6 +112,11 @@ def truncated_es(
     def update_fn(updates, state, params=None, *, data=None, **extra_args):
         del extra_args
         _check_update_args(updates, state, params, data, truncation_length, False)
+        if not _is_empty(state.accumulator):
+            raise TypeError(
+                "`state` was built by another estimator than truncated_es (it "
+                "has per-particle accumulators); pass this estimator's state."
+            )
         sigma_now = jnp.asarray(sigma_fn(state.count), jnp.float32)
         rng_key, noise_key, steps_key = jax.random.split(state.rng_key, 3)
 
@@ -169,4 +175,13 @@ def truncated_es(
         )
         return estimate_lib.add_estimate(updates, estimate), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return v.tag(
+        optax.GradientTransformationExtraArgs(init_fn, update_fn),
+        estimator="truncated_es",
+        num_particles=num_particles,
+        sigma=v.describe_sigma(sigma),
+        truncation_length=truncation_length,
+        antithetic=antithetic,
+        nonfinite_policy=nonfinite_policy,
+        particle_chunk_size=particle_chunk_size,
+    )

@@ -16,6 +16,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from pes_optax._src import backprop as bp
+from pes_optax._src import validation as v
 from pes_optax._src.estimate import add_estimate
 from pes_optax._src.online import (
     _check_factory_args,
@@ -268,4 +269,8 @@ def uoro(
         )
         return add_estimate(updates, estimate), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return v.tag(
+        optax.GradientTransformationExtraArgs(init_fn, update_fn),
+        estimator="uoro",
+        truncation_length=truncation_length,
+    )

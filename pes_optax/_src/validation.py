@@ -31,6 +31,16 @@ def check_problem(problem: Any) -> UnrolledProblem:
     return problem
 
 
+def check_state_type(state: Any, expected: type, estimator: str) -> None:
+    """Requires ``state`` to be the state this estimator's ``init`` builds."""
+    if not isinstance(state, expected):
+        raise TypeError(
+            f"`state` must be the {expected.__name__} built by this "
+            f"estimator's init ({estimator}), got {type(state).__name__}. Pass "
+            "the state returned by the same transform's init or update."
+        )
+
+
 def check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"`{name}` must be a positive int, got {value!r}.")
@@ -61,34 +71,88 @@ def check_truncation_length(truncation_length: Any, horizon: int | None) -> int:
     return truncation_length
 
 
+# sigma^2 must stay a normal float32 number: 1e-18 <= sigma <= 1e18.
+SIGMA_RANGE = (1e-18, 1e18)
+# Steps at which a sigma schedule is checked when the estimator is built.
+SIGMA_CHECK_STEPS = (0, 1, 2, 3, 10, 30, 100, 300, 1_000, 10_000, 100_000, 1_000_000)
+
+
+def _sigma_problem(value: Any) -> str | None:
+    """Why ``value`` is not a usable sigma, or ``None`` when it is."""
+    low, high = SIGMA_RANGE
+    if np.shape(value) != ():
+        return f"a value of shape {np.shape(value)} (it must be a scalar)"
+    value = float(value)
+    if not np.isfinite(value) or value <= 0:
+        return f"{value} (it must be a finite number > 0)"
+    if not low <= value <= high:
+        return f"{value} (its square under- or overflows float32; use {low}..{high})"
+    return None
+
+
 def check_sigma(sigma: Any) -> Callable[[jax.Array], jax.Array]:
-    """Returns ``sigma`` as a schedule of the outer step count."""
+    """Returns ``sigma`` as a schedule of the outer step count.
+
+    A schedule is evaluated at :data:`SIGMA_CHECK_STEPS`, so one that decays
+    to zero or below is refused when the estimator is built.
+    """
     if callable(sigma):
-        with jax.ensure_compile_time_eval():
-            first = np.asarray(sigma(0))
-        if first.shape != () or not np.isfinite(first) or first <= 0:
-            raise ValueError(
-                "`sigma` schedule must return a finite scalar > 0; at step 0 "
-                f"it returned {first!r}. Check the schedule's parameters."
-            )
+        for step in SIGMA_CHECK_STEPS:
+            with jax.ensure_compile_time_eval():
+                problem = _sigma_problem(np.asarray(sigma(step)))
+            if problem is not None:
+                raise ValueError(
+                    f"`sigma` schedule returned {problem} at outer step {step}. "
+                    "A perturbation scale must stay > 0: give the schedule a "
+                    "positive floor, e.g. optax.linear_schedule(0.1, 0.01, ...)."
+                )
         return sigma
-    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):
+    if isinstance(sigma, bool) or not (
+        isinstance(sigma, numbers.Real)
+        or (isinstance(sigma, np.ndarray | jax.Array) and np.shape(sigma) == ())
+    ):
         raise TypeError(
             f"`sigma` must be a positive float or a schedule (callable of the "
             f"outer step), got {sigma!r}."
         )
-    if not np.isfinite(sigma) or sigma <= 0:
+    problem = _sigma_problem(sigma)
+    if problem is not None:
         raise ValueError(
-            f"`sigma` (the perturbation standard deviation) must be a finite "
-            f"number > 0, got {sigma}. Typical values are 1e-3 to 1.0."
+            f"`sigma` (the perturbation standard deviation) got {problem}. "
+            "Typical values are 1e-3 to 1.0."
         )
     value = float(sigma)
     return lambda count: jnp.asarray(value, jnp.float32)
 
 
+def describe_sigma(sigma: Any) -> Any:
+    """A JSON-ready description of ``sigma`` that is stable across processes."""
+    if not callable(sigma):
+        return float(sigma)
+    with jax.ensure_compile_time_eval():
+        values = [float(np.asarray(sigma(step))) for step in SIGMA_CHECK_STEPS]
+    return {"schedule_at_steps": list(SIGMA_CHECK_STEPS), "values": values}
+
+
+def tag(transform: Any, **config: Any) -> Any:
+    """Records an estimator's settings on its ``update`` function.
+
+    The driver puts ``transform.update.estimator_config`` in its checkpoint
+    fingerprint, so that a checkpoint is only restored into the same
+    estimator with the same settings.
+    """
+    transform.update.estimator_config = config
+    return transform
+
+
 def check_key(key: Any) -> jax.Array:
     """Returns a typed PRNG key from a typed key or an int seed."""
     if isinstance(key, numbers.Integral) and not isinstance(key, bool):
+        if not -(2**63) <= int(key) < 2**63:
+            raise ValueError(
+                f"`key` seed {key} does not fit in 64 bits; use a seed in "
+                "[0, 2**63) or pass jax.random.key(seed)."
+            )
         return jax.random.key(int(key))
     if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         if key.shape != ():
@@ -133,6 +197,7 @@ def check_theta(theta: PyTree, name: str = "params") -> None:
 
 def check_same_structure(name: str, tree: PyTree, reference: PyTree, what: str):
     """Requires ``tree`` to have ``reference``'s structure and leaf shapes."""
+    tree, reference = jax.tree.map(jnp.asarray, (tree, reference))
     try:
         chex.assert_trees_all_equal_structs(tree, reference)
         chex.assert_trees_all_equal_shapes(tree, reference)
@@ -143,14 +208,20 @@ def check_same_structure(name: str, tree: PyTree, reference: PyTree, what: str):
         ) from None
 
 
-def check_data(data: PyTree, truncation_length: int) -> None:
+def _leaf_name(path) -> str:
+    return f"leaf {jax.tree_util.keystr(path)} " if path else ""
+
+
+def check_data(
+    data: PyTree, truncation_length: int, length_name: str = "truncation_length"
+) -> None:
     """Requires every data leaf to have a leading axis of ``truncation_length``."""
     for path, leaf in jax.tree_util.tree_leaves_with_path(data):
         shape = jnp.shape(leaf)
         if not shape or shape[0] != truncation_length:
             raise ValueError(
-                f"`data` leaf {jax.tree_util.keystr(path)} has shape {shape}; "
-                f"every leaf needs a leading axis of truncation_length="
+                f"`data` {_leaf_name(path)}has shape {shape}; "
+                f"every leaf needs a leading axis of {length_name}="
                 f"{truncation_length} (one slice per inner step)."
             )
 
