@@ -40,7 +40,7 @@ def main(num_iterations: int = 300, num_particles: int = 32, seed: int = 0):
         ),
         optax.adam(1e-2),
     )
-    theta = jnp.asarray(0.5)
+    theta = jnp.asarray(0.5, jnp.float32)
     opt_state = optimizer.init(theta)
 
     @jax.jit

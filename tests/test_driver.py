@@ -296,8 +296,8 @@ def checkpoint(tmp_path_factory):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"num_particles": 6}, r"shape \[6\].*\[4\]|shape \[4\].*\[6\]"),
-        ({"estimator": "truncated_es"}, "the estimator is .*_persistent_es"),
+        ({"num_particles": 6}, r"estimator_config\['num_particles'\] is 4 .* 6 here"),
+        ({"estimator": "truncated_es"}, r"estimator_config\['estimator'\] is 'pes' .*"),
         ({"theta": {**THETA, "c": jnp.zeros(())}}, r"theta leaf \['c'\]"),
         ({"theta": {"w": THETA["w"], "b": jnp.zeros(3)}}, r"theta leaf \['b'\]"),
         ({"config": {"sigma": 0.2}}, r"config\['sigma'\] is 0.1"),
@@ -361,3 +361,157 @@ def test_run_rejects_bad_step_counts():
     with pytest.raises(ValueError, match="num_steps"):
         driver.run(-1, progress=False)
     assert driver.run(0, progress=False) == [] and driver.step == 0
+
+
+# --- Regressions: estimator settings, paths, step counts, row building -----
+
+
+def _settings_estimator(estimator, settings):
+    """``estimator`` with ``settings`` attached as the factories attach theirs."""
+
+    def update(updates, state, params=None, **extra_args):
+        return estimator.update(updates, state, params, **extra_args)
+
+    update.estimator_config = settings
+    return optax.GradientTransformationExtraArgs(estimator.init, update)
+
+
+def _settings_driver(num_particles=4, **settings):
+    estimator = _settings_estimator(_fresh_pes(num_particles), settings)
+    return pes_optax.Driver(estimator, optax.sgd(0.1), THETA, data_fn=_data_fn)
+
+
+def test_checkpoint_compares_the_estimator_config(tmp_path):
+    schedule = optax.linear_schedule(0.1, 0.01, 5)
+    saved = {"estimator": "pes", "sigma": 0.1, "sigma_schedule": schedule}
+    _settings_driver(**saved).save(tmp_path / "run")
+
+    _settings_driver(**saved).load(tmp_path / "run")  # the same settings load
+    for changed, message in [
+        ({"sigma": 0.5}, r"estimator_config\['sigma'\] is 0.1 in the checkpoint "),
+        (
+            {"estimator": "nres", "sigma": 0.5},
+            r"estimator_config\['estimator'\] is 'pes' .* 'nres'",
+        ),
+        ({"antithetic": False}, r"estimator_config\['antithetic'\] is '<missing>'"),
+    ]:
+        driver = _settings_driver(**{**saved, **changed})
+        with pytest.raises(ValueError, match="different configuration: " + message):
+            driver.load(tmp_path / "run")
+
+    # Equal settings still leave the state's shapes to be compared.
+    with pytest.raises(
+        ValueError, match=r"shape \[4\] in the checkpoint but \[6\] here \(was it saved"
+    ):
+        _settings_driver(num_particles=6, **saved).load(tmp_path / "run")
+
+
+def _ck_problem_estimator(name, **changes):
+    settings = {"num_particles": 4, "sigma": 0.1, "key": 0, **changes}
+    if name == "pes":
+        settings.setdefault("truncation_length", 5)
+    return getattr(pes_optax, name)(PROBLEM, **settings)
+
+
+@pytest.mark.parametrize(
+    "name, changes, message",
+    [
+        ("full_es", {}, r"\['estimator'\] is 'pes' in the checkpoint but 'full_es'"),
+        ("pes", {"sigma": 0.5}, r"\['sigma'\] is 0.1 in the checkpoint but 0.5"),
+        ("pes", {"truncation_length": 2}, r"\['truncation_length'\] is 5 .* but 2"),
+    ],
+)
+def test_checkpoint_of_another_estimator_or_setting_is_refused(
+    tmp_path, name, changes, message
+):
+    def driver(estimator):
+        return pes_optax.Driver(estimator, optax.sgd(0.1), THETA, data_fn=_data_fn)
+
+    driver(_ck_problem_estimator("pes")).save(tmp_path / "run")
+
+    other = driver(_ck_problem_estimator(name, **changes))
+    with pytest.raises(ValueError, match="different configuration: .*" + message):
+        other.load(tmp_path / "run")
+
+
+def test_bad_paths_are_value_errors_naming_the_path(unfused, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+
+    with pytest.raises(ValueError, match="`directory` .*afile/ck.* cannot be created"):
+        unfused.save(afile / "ck")
+    with pytest.raises(ValueError, match="`path` .*afile/m.csv.* cannot be written"):
+        unfused.write_metrics(afile / "m.csv")
+    with pytest.raises(ValueError, match="`path` .*afile/p.png.* cannot be written"):
+        unfused.plot(afile / "p.png")
+    (tmp_path / "dir.csv").mkdir()
+    with pytest.raises(ValueError, match="`path` .*dir.csv.* cannot be written"):
+        unfused.write_metrics(tmp_path / "dir.csv")  # a folder, not a file
+
+
+def test_write_metrics_and_plot_create_missing_folders(unfused, tmp_path):
+    unfused.write_metrics(tmp_path / "new" / "deeper" / "m.csv")
+    unfused.plot(tmp_path / "other" / "p.png")
+
+    assert len((tmp_path / "new" / "deeper" / "m.csv").read_text().splitlines()) == 11
+    assert (tmp_path / "other" / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_key_errors_name_eval_key():
+    with pytest.raises(TypeError, match="`eval_key` must be a typed PRNG key"):
+        pes_optax.Driver(
+            _fresh_pes(), optax.sgd(0.1), THETA, eval_key=jax.random.PRNGKey(0)
+        )
+    with pytest.raises(ValueError, match="`eval_key` seed"):
+        pes_optax.Driver(_fresh_pes(), optax.sgd(0.1), THETA, eval_key=2**70)
+
+
+def test_run_rejects_bool_step_counts():
+    driver = make_driver(with_eval=False)
+    with pytest.raises(TypeError, match="`num_steps` must be an int"):
+        driver.run(True, progress=False)
+    with pytest.raises(TypeError, match="`steps_per_call`"):
+        driver.run(2, steps_per_call=True, progress=False)
+    assert driver.step == 0
+
+
+class _Column:
+    """A metric column that counts its host conversions."""
+
+    def __init__(self, values, dtype):
+        self.values, self.dtype, self.conversions = values, dtype, 0
+
+    def __len__(self):
+        return len(self.values)
+
+    def __getitem__(self, i):
+        self.conversions += 1
+        return np.asarray(self.values[i], self.dtype)
+
+    def tolist(self):
+        self.conversions += 1
+        return np.asarray(self.values, self.dtype).tolist()
+
+
+def test_rows_convert_each_metric_once():
+    from pes_optax._src import metrics as metrics_lib
+
+    columns = {
+        "grad_norm": _Column([0.5, 0.25, 0.125], np.float32),
+        "mean_loss": _Column([1.5, 2.5, 3.5], np.float32),
+        "num_inner_steps": _Column([3, 6, 9], np.int32),
+        "eval_loss": _Column([7.0, np.nan, 8.0], np.float32),
+    }
+    rows = metrics_lib.to_rows(columns, first_step=4, eval_every=2)
+
+    assert [column.conversions for column in columns.values()] == [1, 1, 1, 1]
+    assert rows[0] == {
+        "step": 4,
+        "mean_loss": 1.5,
+        "grad_norm": 0.5,
+        "num_inner_steps": 3,
+        "eval_loss": 7.0,
+    }
+    assert "eval_loss" not in rows[1] and rows[2]["eval_loss"] == 8.0
+    assert all(type(row["num_inner_steps"]) is int for row in rows)
+    assert all(type(row["grad_norm"]) is float for row in rows)
