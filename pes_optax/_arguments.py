@@ -34,8 +34,8 @@ def positive(kind: type, name: str) -> Callable[[str], Any]:
     return parse
 
 
-def non_negative_int(name: str) -> Callable[[str], int]:
-    """An argparse ``type`` accepting ints greater than or equal to 0."""
+def non_negative_int(name: str, below: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type`` accepting ints ``>= 0`` (and ``< below`` if given)."""
 
     def parse(text: str) -> int:
         try:
@@ -46,9 +46,28 @@ def non_negative_int(name: str) -> Callable[[str], int]:
             ) from None
         if value < 0:
             raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {text!r}")
+        if below is not None and value >= below:
+            raise argparse.ArgumentTypeError(
+                f"{name} must be < {below} (it must fit in 64 bits), got {text!r}"
+            )
         return value
 
     return parse
+
+
+def parse_seed(text: str) -> int:
+    """The argparse ``type`` of ``--seed``: an int in ``[0, 2**63)``."""
+    return non_negative_int("seed", below=2**63)(text)
+
+
+def parse_out(text: str) -> pathlib.Path:
+    """The argparse ``type`` of ``--out``: a non-empty folder path."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "--out must name a folder, got an empty path; drop --out for the "
+            "default or pass e.g. --out runs/mine"
+        )
+    return pathlib.Path(text)
 
 
 def _grid_resolution(text: str) -> int:
@@ -74,11 +93,11 @@ def _comma_list(kind: type, name: str) -> Callable[[str], tuple]:
 def _add_common(command: argparse.ArgumentParser, out_help: str) -> None:
     command.add_argument(
         "--seed",
-        type=non_negative_int("seed"),
+        type=parse_seed,
         default=0,
-        help="random seed (default 0)",
+        help="random seed in [0, 2**63) (default 0)",
     )
-    command.add_argument("--out", type=pathlib.Path, help=out_help)
+    command.add_argument("--out", type=parse_out, help=out_help)
     command.add_argument(
         "--no-progress", action="store_true", help="hide the progress bars"
     )

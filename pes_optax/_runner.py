@@ -1,10 +1,16 @@
 """The outer training loop behind the ``pes-optax`` command.
 
 Builds an estimator from :data:`ESTIMATORS`, runs the outer loop of a
-:class:`pes_optax.tasks.Task` under one jitted step (the estimate, then the
-task's outer optimizer, so that the gradient norm can be recorded), and writes
+:class:`pes_optax.tasks.Task` with :class:`pes_optax.Driver` (one compiled
+step per iteration, so that every iteration's theta is recorded), and writes
 ``metrics.jsonl``, ``summary.json`` and ``meta_objective.png``. Nothing here
 prints; the CLI does.
+
+The driver's own evaluation is not used: the CLI evaluates the theta *after*
+an iteration, always with the same key (so values along a run are
+comparable), also at the last iteration, and records two values
+(meta-objective and validation), where ``Driver`` evaluates one scalar on the
+theta a step starts from with a fresh key per step.
 """
 
 from __future__ import annotations
@@ -18,7 +24,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -163,31 +168,6 @@ def _to_json(tree: PyTree) -> Any:
     return jax.tree.map(convert, tree)
 
 
-def _find_diagnostics(estimator_state: Any) -> Any:
-    """The ``diagnostics`` field of an estimator's state, if it has one."""
-    return optax.tree_utils.tree_get(estimator_state, "diagnostics")
-
-
-def _make_outer_step(estimator, optimizer):
-    """One jitted outer iteration: estimate, optimizer update, metrics."""
-
-    @jax.jit
-    def outer_step(theta, estimator_state, optimizer_state):
-        zeros = jax.tree.map(jnp.zeros_like, theta)
-        grads, estimator_state = estimator.update(zeros, estimator_state, theta)
-        updates, optimizer_state = optimizer.update(grads, optimizer_state, theta)
-        theta = optax.apply_updates(theta, updates)
-        diagnostics = _find_diagnostics(estimator_state)
-        metrics = {
-            "grad_norm": optax.tree_utils.tree_norm(grads),
-            "mean_loss": getattr(diagnostics, "mean_loss", jnp.nan),
-            "num_dropped_pairs": getattr(diagnostics, "num_dropped_pairs", 0),
-        }
-        return theta, estimator_state, optimizer_state, metrics
-
-    return outer_step
-
-
 def _evaluator(task: tasks_lib.Task, eval_key: jax.Array):
     """Jitted ``theta -> {"meta_objective": ..., "validation": ...}``."""
 
@@ -201,17 +181,17 @@ def _evaluator(task: tasks_lib.Task, eval_key: jax.Array):
     return evaluate
 
 
-def _record(iteration, theta, metrics, evaluation) -> dict[str, Any]:
+def _record(iteration, theta, row, evaluation) -> dict[str, Any]:
+    """One line of metrics.jsonl from a driver's metric row (``{}`` at 0)."""
     record = dict.fromkeys(METRIC_KEYS)
-    record.update(_to_json(metrics))
+    if row:
+        # An estimator without diagnostics has no loss and drops no pairs.
+        record["mean_loss"] = _to_json(row.get("mean_loss", math.nan))
+        record["grad_norm"] = _to_json(row["grad_norm"])
+        record["num_dropped_pairs"] = int(row.get("num_dropped_pairs", 0))
     record.update(_to_json(evaluation or {}))
     record["iteration"] = iteration
     record["theta"] = _to_json(theta)
-    record["num_dropped_pairs"] = (
-        None
-        if record["num_dropped_pairs"] is None
-        else int(record["num_dropped_pairs"])
-    )
     return record
 
 
@@ -238,15 +218,17 @@ def run_task(
     spec = ESTIMATORS[settings.estimator]
     estimator = spec.build(task.problem, settings, estimator_key)
     optimizer = task.optimizer(settings.learning_rate)
-    outer_step = _make_outer_step(estimator, optimizer)
     evaluate = _evaluator(task, eval_key)
 
     # Initial point.
     start = time.perf_counter()
-    theta = task.initial_theta
-    estimator_state = estimator.init(theta)
-    optimizer_state = optimizer.init(theta)
-    initial = _record(0, theta, {}, evaluate(theta))
+    driver = pes_optax.Driver(
+        estimator,
+        optimizer,
+        task.initial_theta,
+        config={"task": task.name, **settings._asdict()},
+    )
+    initial = _record(0, driver.theta, {}, evaluate(driver.theta))
     records = [initial]
 
     # Outer loop.
@@ -261,14 +243,11 @@ def run_task(
     with open(out_dir / "metrics.jsonl", "w") as metrics_file:
         metrics_file.write(json.dumps(initial) + "\n")
         for iteration in bar:
-            theta, estimator_state, optimizer_state, metrics = outer_step(
-                theta, estimator_state, optimizer_state
-            )
+            (row,) = driver.run(1, progress=False)
+            theta = driver.theta
             due = iteration % settings.eval_every == 0
             due = due or iteration == settings.num_iterations
-            record = _record(
-                iteration, theta, metrics, evaluate(theta) if due else None
-            )
+            record = _record(iteration, theta, row, evaluate(theta) if due else None)
             records.append(record)
             metrics_file.write(json.dumps(record) + "\n")
             bar.set_postfix(

@@ -12,8 +12,8 @@ one jitted step with a progress bar, prints a table of the initial and learned
 * ``summary.json``: the settings, the initial and learned ``theta`` with their
   meta-objectives, and the wall time.
 
-``pes-optax list`` lists the tasks and the estimators. The same seed gives the
-same metrics.
+``pes-optax list`` lists the tasks with their default settings and the
+estimators. The same seed gives the same metrics.
 
 ``pes-optax compare TASK --estimators pes,tbptt:10,...`` runs several
 estimators on one task (each with the task's per-estimator settings, see
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -43,7 +44,8 @@ from pes_optax import tasks as tasks_lib
 from pes_optax._arguments import (
     add_compare_parser,
     add_variance_parser,
-    non_negative_int,
+    parse_out,
+    parse_seed,
     positive,
 )
 from pes_optax._runner import ESTIMATORS as ESTIMATORS
@@ -66,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         "related gradient estimators.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("list", help="list the tasks and estimators")
+    commands.add_parser(
+        "list", help="list the tasks with their default settings, and the estimators"
+    )
 
     run = commands.add_parser(
         "run",
@@ -114,13 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--seed",
-        type=non_negative_int("seed"),
+        type=parse_seed,
         default=0,
-        help="random seed (default 0)",
+        help="random seed in [0, 2**63) (default 0)",
     )
     run.add_argument(
         "--out",
-        type=pathlib.Path,
+        type=parse_out,
         help="output folder (default: runs/TASK-ESTIMATOR-seedSEED)",
     )
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -154,6 +158,13 @@ def _format_value(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.6g}"
 
 
+def _print_table(rows: Sequence[Sequence[str]], indent: str = "") -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print((indent + "  ".join(cells)).rstrip())
+
+
 def _print_summary(summary: dict[str, Any], out_dir: pathlib.Path) -> None:
     rows = [("", "theta", "meta-objective", "validation")]
     for label in ("initial", "learned"):
@@ -166,21 +177,36 @@ def _print_summary(summary: dict[str, Any], out_dir: pathlib.Path) -> None:
                 _format_value(row["validation"]),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    for row in rows:
-        print(
-            "  ".join(
-                cell.ljust(width) for cell, width in zip(row, widths, strict=True)
-            )
-        )
+    _print_table(rows)
     print(f"wall time {summary['wall_time_s']:.1f} s; results in {out_dir}")
 
 
+def _optimizer_name(factory: Any) -> str:
+    while hasattr(factory, "func"):  # functools.partial
+        factory = factory.func
+    return getattr(factory, "__name__", repr(factory))
+
+
+def _task_row(name: str) -> tuple[str, ...]:
+    settings = tasks_lib.default_settings(name)
+    label = name + (" (default)" if name == tasks_lib.DEFAULT_TASK else "")
+    return (
+        label,
+        settings["estimator"],
+        str(settings["num_particles"]),
+        f"{settings['sigma']:g}",
+        str(settings["truncation_length"]),
+        _optimizer_name(settings["optimizer"]),
+        f"{settings['learning_rate']:g}",
+        str(settings["num_iterations"]),
+    )
+
+
 def _print_listing() -> None:
-    print("tasks:")
-    for name in tasks_lib.TASKS:
-        default = " (default)" if name == tasks_lib.DEFAULT_TASK else ""
-        print(f"  {name}{default}")
+    print("tasks and their defaults (`pes-optax run TASK --option` overrides):")
+    header = ("task", "estimator", "particles", "sigma", "truncation")
+    header += ("optimizer", "learning-rate", "iterations")
+    _print_table([header, *map(_task_row, tasks_lib.TASKS)], indent="  ")
     print("estimators:")
     for name in sorted(ESTIMATORS):
         print(f"  {name:<14}{ESTIMATORS[name].description}")
@@ -204,9 +230,25 @@ def _check_applicable(parser, args, estimator: str) -> None:
         )
 
 
-def _check_out_dir(parser, out_dir: pathlib.Path) -> None:
+def _reason(error: OSError) -> str:
+    if isinstance(error, (FileExistsError, NotADirectoryError)):
+        return "a folder on the path is a file"
+    return error.strerror or str(error)
+
+
+def _make_out_dir(parser, out_dir: pathlib.Path) -> None:
+    """Creates the output folder, or exits with an argparse error."""
     if out_dir.exists() and not out_dir.is_dir():
         parser.error(f"--out {out_dir} exists and is not a folder; pick another.")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(
+            f"--out {out_dir} cannot be created ({_reason(error)}); "
+            "pick a folder under one you can write to."
+        )
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        parser.error(f"--out {out_dir} is not writable; pick another folder.")
 
 
 def _compare(parser, args) -> int:
@@ -227,7 +269,7 @@ def _compare(parser, args) -> int:
     except (TypeError, ValueError) as error:
         parser.error(str(error))
     out_dir = args.out or pathlib.Path("runs", f"compare-{task.name}-seed{args.seed}")
-    _check_out_dir(parser, out_dir)
+    _make_out_dir(parser, out_dir)
     result = experiments.compare(
         task,
         entries,
@@ -257,7 +299,7 @@ def _variance(parser, args) -> int:
     except ValueError as error:
         parser.error(str(error))
     out_dir = args.out or pathlib.Path("runs", f"variance-seed{args.seed}")
-    _check_out_dir(parser, out_dir)
+    _make_out_dir(parser, out_dir)
     result = experiments.variance_study(settings, progress=not args.no_progress)
     files = experiments.write_variance_outputs(result, out_dir)
     summary = result.summary
@@ -303,10 +345,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     task = tasks_lib.get_task(args.task)
     settings = _settings_from_args(args, task)
     _check_applicable(parser, args, settings.estimator)
-    out_dir = args.out or pathlib.Path(
-        "runs", f"{task.name}-{settings.estimator}-seed{settings.seed}"
-    )
-    _check_out_dir(parser, out_dir)
     try:
         # The factories reject bad combinations (e.g. odd --particles).
         ESTIMATORS[settings.estimator].build(
@@ -314,6 +352,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except (TypeError, ValueError) as error:
         parser.error(str(error))
+    out_dir = args.out or pathlib.Path(
+        "runs", f"{task.name}-{settings.estimator}-seed{settings.seed}"
+    )
+    _make_out_dir(parser, out_dir)
     result = run_task(task, settings, out_dir, progress=not args.no_progress)
     _print_summary(result.summary, out_dir)
     return 0

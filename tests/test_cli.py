@@ -88,6 +88,41 @@ def test_list_names_tasks_and_estimators(capsys):
         assert name in printed
 
 
+def test_list_shows_each_tasks_defaults(capsys):
+    assert cli.main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+
+    header = next(line.split() for line in lines if "particles" in line)
+    assert header == [
+        "task",
+        "estimator",
+        "particles",
+        "sigma",
+        "truncation",
+        "optimizer",
+        "learning-rate",
+        "iterations",
+    ]
+    for name in tasks.TASKS:
+        task = tasks.get_task(name) if name != "digits" else None
+        defaults = tasks.default_settings(name)
+        (row,) = [line.split() for line in lines if line.split()[:1] == [name]]
+        row = [cell for cell in row if cell != "(default)"]
+        assert row[1] == defaults["estimator"]
+        assert int(row[2]) == defaults["num_particles"]
+        assert float(row[3]) == defaults["sigma"]
+        assert int(row[4]) == defaults["truncation_length"]
+        assert float(row[6]) == defaults["learning_rate"]
+        assert int(row[7]) == defaults["num_iterations"]
+        if task is not None:
+            assert (int(row[2]), float(row[6])) == (
+                task.num_particles,
+                task.learning_rate,
+            )
+    assert any(line.split()[:2] == ["influence_balancing", "pes"] for line in lines)
+    assert "sgd" in next(line for line in lines if "influence_balancing" in line)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -95,6 +130,18 @@ def test_list_names_tasks_and_estimators(capsys):
         (["run", "--particles", "ten"], "--particles must be an integer"),
         (["run", "--sigma", "nan"], "--sigma must be > 0"),
         (["run", "--seed", "-1"], "seed must be >= 0"),
+        (
+            ["run", "--seed", "99999999999999999999999"],
+            "seed must be < 9223372036854775808",
+        ),
+        (["run", "--seed", str(2**63)], "seed must be < 9223372036854775808"),
+        (
+            ["compare", "toy_regression", "--seed", str(2**64)],
+            "seed must be < 9223372036854775808",
+        ),
+        (["variance", "--seed", str(2**64)], "seed must be < 9223372036854775808"),
+        (["run", "--out", ""], "--out must name a folder, got an empty path"),
+        (["compare", "toy_regression", "--out", " "], "got an empty path"),
         (["run", "--estimator", "sgd"], "invalid choice: 'sgd'"),
         (["run", "mnist"], "invalid choice: 'mnist'"),
         (["run", "toy_regression", "--particles", "3"], "`num_particles` must"),
@@ -120,6 +167,30 @@ def test_out_must_not_be_a_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["run", "--out", str(existing), "--no-progress"])
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_largest_seed_is_accepted():
+    args = cli.build_parser().parse_args(["run", "--seed", str(2**63 - 1)])
+    assert args.seed == 2**63 - 1
+
+
+@pytest.mark.parametrize(
+    "command", [["run", "influence_balancing"], ["variance"]], ids=["run", "variance"]
+)
+def test_out_that_cannot_be_created_is_an_argparse_error(tmp_path, capsys, command):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for out, message in [
+        (
+            afile / "sub" / "deeper",
+            "cannot be created (a folder on the path is a file)",
+        ),
+        ("/proc/forbidden", "cannot be created"),
+    ]:
+        with pytest.raises(SystemExit) as excinfo:
+            cli.main([*command, "--no-progress", "--out", str(out)])
+        assert excinfo.value.code == 2
+        assert f"--out {out} {message}" in capsys.readouterr().err
 
 
 def test_module_runs_as_a_script():

@@ -75,6 +75,43 @@ def test_get_task_rejects_unknown_override():
         tasks.get_task("influence_balancing", foo=1)
 
 
+SETTINGS = (
+    "estimator",
+    "num_particles",
+    "sigma",
+    "truncation_length",
+    "optimizer",
+    "learning_rate",
+    "num_iterations",
+    "eval_every",
+)
+
+
+@pytest.mark.parametrize("name", ["influence_balancing", "toy_regression", "digits"])
+def test_default_settings_are_the_built_tasks_settings(name):
+    defaults = tasks.default_settings(name)
+    task = tasks.get_task(name, **({"horizon": 20} if name == "digits" else {}))
+
+    assert set(defaults) == set(SETTINGS)
+    assert defaults == {field: getattr(task, field) for field in SETTINGS}
+    defaults["sigma"] = -1.0  # a copy: the registry is untouched
+    assert tasks.default_settings(name)["sigma"] == task.sigma
+
+
+def test_default_settings_reject_unknown_name():
+    with pytest.raises(ValueError, match="`name` must be one of"):
+        tasks.default_settings("mnist")
+
+
+def test_default_settings_do_not_import_sklearn():
+    code = (
+        "import sys; from pes_optax import tasks; "
+        "assert tasks.default_settings('digits')['num_particles'] == 64; "
+        "assert 'sklearn' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_core_and_tasks_import_neither_tasks_nor_sklearn():
     code = (
         "import sys, pes_optax; assert 'pes_optax.tasks' not in sys.modules; "

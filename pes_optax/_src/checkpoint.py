@@ -61,6 +61,13 @@ def check_config(config: Any) -> dict[str, Any]:
         ) from None
 
 
+def os_error_reason(error: OSError) -> str:
+    """Why a file or folder could not be made, in words for an error message."""
+    if isinstance(error, (FileExistsError, NotADirectoryError)):
+        return "a folder on the path is a file"
+    return error.strerror or str(error)
+
+
 def _is_key(leaf: Any) -> bool:
     return isinstance(leaf, jax.Array) and jnp.issubdtype(
         leaf.dtype, jax.dtypes.prng_key
@@ -229,8 +236,8 @@ def save(
     except OSError as error:
         raise ValueError(
             f"`directory` {str(directory)!r} cannot be created "
-            f"({error.strerror or error}); choose a path under a folder you can "
-            "write to, whose parents are folders and not files."
+            f"({os_error_reason(error)}); choose a path under a folder you can "
+            "write to."
         ) from None
 
     # Un-commit first, so that a crash mid-save leaves no valid checkpoint.

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from pes_optax._src import checkpoint as checkpoint_lib
+
 PyTree = Any
 Row = dict[str, int | float]
 
@@ -147,9 +149,10 @@ def _columns(rows: Sequence[Row]) -> list[str]:
 
 
 def _unwritable(path: str | os.PathLike, error: OSError) -> ValueError:
+    reason = checkpoint_lib.os_error_reason(error)
     return ValueError(
-        f"`path` {os.fspath(path)!r} cannot be written ({error.strerror or error});"
-        " choose a file name (not a folder) under folders you can write to."
+        f"`path` {os.fspath(path)!r} cannot be written ({reason}); choose a file "
+        "name (not a folder) under folders you can write to."
     )
 
 

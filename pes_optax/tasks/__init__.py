@@ -28,10 +28,13 @@ from typing import Any
 from pes_optax.tasks import digits, influence_balancing, toy_regression
 from pes_optax.tasks._task import HYPERPARAMETERS, Task
 
+_MODULES = {
+    "digits": digits,
+    "influence_balancing": influence_balancing,
+    "toy_regression": toy_regression,
+}
 _BUILDERS: dict[str, Callable[..., Task]] = {
-    "digits": digits.make_task,
-    "influence_balancing": influence_balancing.make_task,
-    "toy_regression": toy_regression.make_task,
+    name: module.make_task for name, module in _MODULES.items()
 }
 
 TASKS: tuple[str, ...] = tuple(sorted(_BUILDERS))
@@ -77,9 +80,34 @@ def get_task(name: str, **overrides: Any) -> Task:
     return task.replace(**settings) if settings else task
 
 
+def default_settings(name: str) -> dict[str, Any]:
+    """The default settings of the registered task ``name``, without building it.
+
+    Building a task can be slow (``"digits"`` loads scikit-learn's data); this
+    reads the settings a built task would carry.
+
+    Args:
+      name: One of :data:`TASKS`.
+
+    Returns:
+      A new dict with the keys of the default settings (``estimator``,
+      ``num_particles``, ``sigma``, ``truncation_length``, ``optimizer``,
+      ``learning_rate``, ``num_iterations``, ``eval_every``).
+
+    Example:
+      >>> from pes_optax import tasks
+      >>> tasks.default_settings("influence_balancing")["num_particles"]
+      1000
+    """
+    if name not in _MODULES:
+        raise ValueError(f"`name` must be one of {TASKS}, got {name!r}.")
+    return dict(_MODULES[name].DEFAULTS)
+
+
 __all__ = (
     "DEFAULT_TASK",
     "TASKS",
     "Task",
+    "default_settings",
     "get_task",
 )

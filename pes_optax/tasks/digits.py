@@ -42,6 +42,19 @@ MOMENTUM = 0.9
 SPLIT_SEED = 0
 
 
+# The task's default settings (the `Task` fields of the same names).
+DEFAULTS: dict[str, Any] = {
+    "estimator": "pes",
+    "num_particles": 64,
+    "sigma": 0.1,
+    "truncation_length": 10,
+    "optimizer": optax.adam,
+    "learning_rate": 0.05,
+    "num_iterations": 500,
+    "eval_every": 25,
+}
+
+
 class DigitsData(NamedTuple):
     """The digits images and labels, split into training and validation."""
 
@@ -237,14 +250,7 @@ def make_task(
         problem=problem,
         initial_theta=jnp.asarray([jnp.log(0.01), jnp.log(3.0)], jnp.float32),
         evaluate=evaluate,
-        estimator="pes",
-        num_particles=64,
-        sigma=0.1,
-        truncation_length=10,
-        optimizer=optax.adam,
-        learning_rate=0.05,
-        num_iterations=500,
-        eval_every=25,
+        **DEFAULTS,
         validate=validate,
         description="MLP on sklearn digits, tune lr schedule (log lr0, log decay).",
     )

@@ -18,6 +18,8 @@ ES or truncated backprop with small ``K``) push ``theta`` the wrong way.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -28,6 +30,19 @@ from pes_optax.tasks._task import Task
 STATE_SIZE = 23
 NUM_POSITIVE = 10
 OPTIMAL_THETA = -1.0 / 6.0
+
+
+# The task's default settings (the `Task` fields of the same names).
+DEFAULTS: dict[str, Any] = {
+    "estimator": "pes",
+    "num_particles": 1000,
+    "sigma": 0.1,
+    "truncation_length": 1,
+    "optimizer": optax.sgd,
+    "learning_rate": 1e-4,
+    "num_iterations": 3000,
+    "eval_every": 100,
+}
 
 
 def transition_matrix(state_size: int = STATE_SIZE) -> jax.Array:
@@ -97,13 +112,6 @@ def make_task(num_eval_steps: int = 500) -> Task:
         problem=problem,
         initial_theta=jnp.asarray(0.5, jnp.float32),
         evaluate=evaluate,
-        estimator="pes",
-        num_particles=1000,
-        sigma=0.1,
-        truncation_length=1,
-        optimizer=optax.sgd,
-        learning_rate=1e-4,
-        num_iterations=3000,
-        eval_every=100,
+        **DEFAULTS,
         description="23-d linear system, endless; optimum theta = -1/6 (UORO/PES).",
     )

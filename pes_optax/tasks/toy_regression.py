@@ -20,7 +20,7 @@ objective that PES follows leads to the basin near ``550``.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,19 @@ from pes_optax import UnrolledProblem, unroll
 from pes_optax.tasks._task import Task
 
 WEIGHT_DECAY = 1e-10
+
+
+# The task's default settings (the `Task` fields of the same names).
+DEFAULTS: dict[str, Any] = {
+    "estimator": "pes",
+    "num_particles": 100,
+    "sigma": 0.3,
+    "truncation_length": 10,
+    "optimizer": functools.partial(optax.adam, b1=0.99, b2=0.999),
+    "learning_rate": 1e-2,
+    "num_iterations": 1000,
+    "eval_every": 10,
+}
 
 
 class ToyRegressionState(NamedTuple):
@@ -126,13 +139,6 @@ def make_task(horizon: int = 100) -> Task:
         problem=problem,
         initial_theta=jnp.full((2,), -4.0, jnp.float32),
         evaluate=evaluate,
-        estimator="pes",
-        num_particles=100,
-        sigma=0.3,
-        truncation_length=10,
-        optimizer=functools.partial(optax.adam, b1=0.99, b2=0.999),
-        learning_rate=1e-2,
-        num_iterations=1000,
-        eval_every=10,
+        **DEFAULTS,
         description="2-d toy regression, linear lr schedule (PES paper).",
     )
