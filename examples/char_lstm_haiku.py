@@ -24,63 +24,13 @@ Run: python examples/char_lstm_haiku.py   (about 2 minutes on 2 CPU cores)
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import math
-import re
-import time
-import warnings
-
 import haiku as hk
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
+from char_data import VOCAB, as_streams, bits_per_char, encode, stdlib_text, train
 
 import pes_optax
-
-MODULES = (
-    "abc argparse collections contextlib csv dataclasses datetime decimal "
-    "difflib enum fractions functools heapq inspect itertools json logging os "
-    "pathlib pickle random re shutil statistics string tempfile textwrap "
-    "threading typing unittest uuid zipfile"
-).split()
-VOCAB = "\n .,'()-abcdefghijklmnopqrstuvwxyz"
-
-
-def stdlib_text(max_chars: int | None = None) -> str:
-    """Docstrings of ``MODULES`` and their public members, in a fixed order."""
-    parts = []
-    with warnings.catch_warnings():  # e.g. typing's deprecated submodules
-        warnings.simplefilter("ignore", DeprecationWarning)
-        for name in MODULES:
-            module = importlib.import_module(name)
-            parts.append(inspect.getdoc(module) or "")
-            for member_name, member in sorted(vars(module).items()):
-                own = getattr(member, "__module__", None) == module.__name__
-                kind = inspect.isfunction(member) or inspect.isclass(member)
-                if own and kind and not member_name.startswith("_"):
-                    parts.append(inspect.getdoc(member) or "")
-
-    # Lower case, known characters only, single spaces.
-    text = "\n".join(parts).lower()
-    text = "".join(c for c in text if c in VOCAB)
-    text = re.sub(r" +", " ", text)
-    return text[:max_chars]
-
-
-def encode(text: str) -> np.ndarray:
-    """Characters to int32 token ids in ``VOCAB``."""
-    lookup = {c: i for i, c in enumerate(VOCAB)}
-    return np.asarray([lookup[c] for c in text], np.int32)
-
-
-def as_streams(tokens: np.ndarray, num_streams: int) -> tuple[jax.Array, jax.Array]:
-    """``(inputs, targets)`` of shape ``[length, num_streams]``, next-char."""
-    length = (len(tokens) - 1) // num_streams
-    inputs = tokens[: length * num_streams].reshape(num_streams, length).T
-    targets = tokens[1 : length * num_streams + 1].reshape(num_streams, length).T
-    return jnp.asarray(inputs), jnp.asarray(targets)
 
 
 def char_lstm(hidden_size: int) -> hk.Transformed:
@@ -94,26 +44,9 @@ def char_lstm(hidden_size: int) -> hk.Transformed:
     return hk.without_apply_rng(hk.transform(forward))
 
 
-def bits_per_char(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Mean cross-entropy in bits over the streams."""
-    nats = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    return nats.mean() / math.log(2.0)
-
-
 def zero_carry(num_streams: int, hidden_size: int) -> hk.LSTMState:
     zeros = jnp.zeros((num_streams, hidden_size))
     return hk.LSTMState(hidden=zeros, cell=zeros)
-
-
-def train(estimator, optimizer, theta, evaluate, num_outer_steps, eval_every):
-    """Runs ``estimator`` through a Driver; returns (driver, seconds)."""
-    driver = pes_optax.Driver(
-        estimator, optimizer, theta, eval_fn=evaluate, eval_every=eval_every
-    )
-    start = time.perf_counter()
-    driver.run(num_outer_steps, steps_per_call=eval_every, progress=False)
-    jax.block_until_ready(driver.theta)
-    return driver, time.perf_counter() - start
 
 
 def main(

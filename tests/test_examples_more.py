@@ -14,6 +14,9 @@ MIGRATION = EXAMPLES / "migration"
 
 
 def _load(path):
+    # As when run as a script: the script's folder is importable (char_data).
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
     # Registered in sys.modules: dataclasses (Flax modules) look their module up.
     name = f"_example_{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
