@@ -3,8 +3,14 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from reference_problems import (
+    THETA,
+    make_problem,
+    run_updates,
+    zeros_like_theta,
+)
+from reference_problems import assert_trees_close as _assert_close
 
 import pes_optax
 
@@ -13,58 +19,8 @@ ATOL = 1e-5
 Z = 3.0  # standard errors allowed in the statistical checks
 
 
-A = jnp.array([[0.9, 0.2, 0.0], [-0.1, 0.8, 0.3], [0.0, 0.2, 0.7]])
-B = jnp.array([[1.0, 0.0], [0.5, -1.0], [0.0, 2.0]])
-TARGET = jnp.array([1.0, -2.0, 0.5])
-THETA = {"w": jnp.array([0.3, -0.2]), "b": jnp.asarray(0.1, jnp.float32)}
-
-
-def make_problem(horizon, noisy=False, counter=None):
-    """Nonlinear three-unit system (as in test_backprop); ``noisy`` draws
-    from the keys, the state holds an integer count next to the floating
-    state, ``init`` depends on theta and ``counter`` counts traces of step."""
-
-    def init(key, theta):
-        s = jnp.full((3,), 0.5) + 0.2 * theta["b"]
-        if noisy:
-            s = s + 0.1 * jax.random.normal(key, (3,))
-        return {"s": s, "t": jnp.zeros((), jnp.int32)}
-
-    def step(theta, state, key, data):
-        if counter is not None:
-            counter.append(1)
-        drive = 0.0 if data is None else data
-        s = jnp.tanh(A @ state["s"] + B @ theta["w"] + theta["b"] + drive)
-        if noisy:
-            s = s + 0.05 * jax.random.normal(key, (3,))
-        loss = 0.5 * jnp.sum((s - TARGET) ** 2)
-        return {"s": s, "t": state["t"] + 1}, loss
-
-    return pes_optax.UnrolledProblem(init=init, step=step, horizon=horizon)
-
-
-def zeros_like_theta(theta=THETA):
-    return jax.tree.map(jnp.zeros_like, theta)
-
-
-def run_updates(transform, num_updates, theta=THETA, data=None):
-    """Estimates of ``num_updates`` consecutive updates and the last state."""
-    state = transform.init(theta)
-    update = jax.jit(transform.update)
-    estimates = []
-    for index in range(num_updates):
-        step_data = None if data is None else data[index]
-        estimate, state = update(zeros_like_theta(theta), state, theta, data=step_data)
-        estimates.append(estimate)
-    return estimates, state
-
-
 def assert_trees_close(actual, expected, rtol=RTOL, atol=ATOL):
-    jax.tree.map(
-        lambda a, e: np.testing.assert_allclose(a, e, rtol=rtol, atol=atol),
-        actual,
-        expected,
-    )
+    _assert_close(actual, expected, rtol, atol)
 
 
 def tree_sum(trees):
@@ -200,44 +156,6 @@ def test_uoro_is_noisy_but_rtrl_is_not():
 
 def _estimator(name, problem, key=1):
     return getattr(pes_optax, name)(problem, truncation_length=2, key=key)
-
-
-@pytest.mark.parametrize("name", ["rtrl", "uoro"])
-def test_jit_without_retrace_and_inside_scan(name):
-    counter = []
-    problem = make_problem(5, noisy=True, counter=counter)
-    transform = optax.chain(_estimator(name, problem), optax.sgd(1e-2))
-    update = jax.jit(transform.update)
-
-    # Python loop over a jitted update: traced once.
-    theta, state = THETA, transform.init(THETA)
-    for index in range(4):
-        updates, state = update(zeros_like_theta(), state, theta)
-        theta = optax.apply_updates(theta, updates)
-        if index == 0:
-            traces_after_first = len(counter)
-    assert len(counter) == traces_after_first
-
-    # The same iterations inside lax.scan give the same theta.
-    def body(carry, _):
-        theta, state = carry
-        updates, state = transform.update(zeros_like_theta(), state, theta)
-        return (optax.apply_updates(theta, updates), state), None
-
-    (scanned, _), _ = jax.jit(
-        lambda: jax.lax.scan(body, (THETA, transform.init(THETA)), length=4)
-    )()
-    assert_trees_close(scanned, theta)
-
-
-@pytest.mark.parametrize("name", ["rtrl", "uoro"])
-def test_deterministic_given_key(name):
-    problem = make_problem(5, noisy=True)
-    first, _ = run_updates(_estimator(name, problem), 3)
-    again, _ = run_updates(_estimator(name, problem), 3)
-    jax.tree.map(np.testing.assert_array_equal, first, again)
-    different, _ = run_updates(_estimator(name, problem, key=2), 3)
-    assert not np.allclose(first[2]["w"], different[2]["w"])
 
 
 @pytest.mark.parametrize("name", ["rtrl", "uoro"])
