@@ -81,3 +81,70 @@ def train(estimator, optimizer, theta, evaluate, num_outer_steps, eval_every):
     driver.run(num_outer_steps, steps_per_call=eval_every, progress=False)
     jax.block_until_ready(driver.theta)
     return driver, time.perf_counter() - start
+
+
+def compare_pes_and_tbptt(
+    problem,
+    heldout,
+    theta,
+    *,
+    num_chars,
+    num_outer_steps,
+    num_particles,
+    sigma,
+    truncation_length,
+    learning_rate,
+    seed,
+):
+    """Trains ``theta`` with PES and with TBPTT on the same inner-step budget.
+
+    Both run ``num_outer_steps`` Adam steps through a ``pes_optax.Driver``;
+    ``heldout`` is the problem whose fresh unroll gives the held-out loss.
+    Prints one line and returns the held-out losses (bits per character) of
+    the initial and both learned thetas, with the training seconds.
+    """
+
+    def evaluate(theta, key):
+        return pes_optax.unroll(heldout, theta, key)
+
+    eval_every = max(1, num_outer_steps // 10)
+    key = jax.random.key(seed + 1)
+    pes_driver, pes_seconds = train(
+        pes_optax.pes(
+            problem,
+            num_particles=num_particles,
+            sigma=sigma,
+            truncation_length=truncation_length,
+            key=key,
+        ),
+        optax.adam(learning_rate),
+        theta,
+        evaluate,
+        num_outer_steps,
+        eval_every,
+    )
+    tbptt_driver, tbptt_seconds = train(
+        pes_optax.tbptt(problem, truncation_length=truncation_length, key=key),
+        optax.adam(learning_rate),
+        theta,
+        evaluate,
+        num_outer_steps,
+        eval_every,
+    )
+
+    eval_key = jax.random.key(seed + 2)
+    result = {
+        "initial": float(evaluate(theta, eval_key)),
+        "pes": float(evaluate(pes_driver.theta, eval_key)),
+        "tbptt": float(evaluate(tbptt_driver.theta, eval_key)),
+        "pes_seconds": pes_seconds,
+        "tbptt_seconds": tbptt_seconds,
+    }
+    steps = pes_driver.metrics[-1]["num_inner_steps"]
+    print(
+        f"{num_chars} chars, {steps} inner steps per trajectory; held-out "
+        f"bits/char: initial {result['initial']:.3f}, "
+        f"PES {result['pes']:.3f} ({pes_seconds:.0f} s), "
+        f"TBPTT {result['tbptt']:.3f} ({tbptt_seconds:.0f} s)"
+    )
+    return result

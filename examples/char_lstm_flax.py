@@ -27,8 +27,14 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
-from char_data import VOCAB, as_streams, bits_per_char, encode, stdlib_text, train
+from char_data import (
+    VOCAB,
+    as_streams,
+    bits_per_char,
+    compare_pes_and_tbptt,
+    encode,
+    stdlib_text,
+)
 
 import pes_optax
 
@@ -112,50 +118,18 @@ def main(
         horizon=heldout_steps,
     )
 
-    def evaluate(theta, key):
-        return pes_optax.unroll(heldout, theta, key)
-
-    eval_every = max(1, num_outer_steps // 10)
-    key = jax.random.key(seed + 1)
-    pes_driver, pes_seconds = train(
-        pes_optax.pes(
-            problem,
-            num_particles=num_particles,
-            sigma=sigma,
-            truncation_length=truncation_length,
-            key=key,
-        ),
-        optax.adam(learning_rate),
+    return compare_pes_and_tbptt(
+        problem,
+        heldout,
         theta,
-        evaluate,
-        num_outer_steps,
-        eval_every,
+        num_chars=len(tokens),
+        num_outer_steps=num_outer_steps,
+        num_particles=num_particles,
+        sigma=sigma,
+        truncation_length=truncation_length,
+        learning_rate=learning_rate,
+        seed=seed,
     )
-    tbptt_driver, tbptt_seconds = train(
-        pes_optax.tbptt(problem, truncation_length=truncation_length, key=key),
-        optax.adam(learning_rate),
-        theta,
-        evaluate,
-        num_outer_steps,
-        eval_every,
-    )
-
-    eval_key = jax.random.key(seed + 2)
-    result = {
-        "initial": float(evaluate(theta, eval_key)),
-        "pes": float(evaluate(pes_driver.theta, eval_key)),
-        "tbptt": float(evaluate(tbptt_driver.theta, eval_key)),
-        "pes_seconds": pes_seconds,
-        "tbptt_seconds": tbptt_seconds,
-    }
-    steps = pes_driver.metrics[-1]["num_inner_steps"]
-    print(
-        f"{len(tokens)} chars, {steps} inner steps per trajectory; held-out "
-        f"bits/char: initial {result['initial']:.3f}, "
-        f"PES {result['pes']:.3f} ({pes_seconds:.0f} s), "
-        f"TBPTT {result['tbptt']:.3f} ({tbptt_seconds:.0f} s)"
-    )
-    return result
 
 
 if __name__ == "__main__":
