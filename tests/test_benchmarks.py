@@ -67,7 +67,7 @@ def outputs() -> dict[str, str]:
 def test_throughput_table(outputs):
     rows = table_rows(outputs["throughput.py"])
     expected = {"floor", "floor fused", "pes_optax jit(update)", "pes_optax Driver"}
-    expected.add("python dispatch")
+    expected |= {"python dispatch", "research-style driver"}
     settings = {"influence_balancing", "compute_bound", "flax_mlp"}
     found = {(r[0], r[1]) for r in rows}
     for setting in settings:
@@ -85,7 +85,8 @@ def test_throughput_table(outputs):
         for line in outputs["throughput.py"].splitlines()
         if line.startswith(("PASS ", "FAIL "))
     ]
-    assert len(verdicts) == 4 * len(settings)
+    # Per setting: fused and one-call floors, and 10x against both loops.
+    assert len(verdicts) == 6 * len(settings)
 
 
 def test_memory_compile_tables(outputs):
@@ -100,6 +101,20 @@ def test_memory_compile_tables(outputs):
     for row in compile_rows:
         assert all(positive(cell) for cell in row[1:])
     assert text.count("HLO size K=1000/K=10") == 4
+
+    # (d) particle_chunk_size: smaller footprint, same estimate.
+    chunk_rows = [r for r in rows if len(r) == 6]
+    assert [(r[0], r[1]) for r in chunk_rows] == [
+        ("pes", "None"),
+        ("pes", "4"),
+        ("truncated_es", "None"),
+        ("truncated_es", "4"),
+    ]
+    for whole, blocks in (chunk_rows[0:2], chunk_rows[2:4]):
+        assert float(blocks[2]) < float(whole[2]), (whole, blocks)
+        assert float(blocks[3]) < float(whole[3]), (whole, blocks)
+        # Only the order of the float sum over particles differs.
+        assert float(blocks[4]) <= 1e-3 * float(blocks[5]), blocks
 
 
 def test_devices_table(outputs):

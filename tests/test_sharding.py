@@ -38,6 +38,29 @@ def test_four_devices_match_one(report, name):
     assert report[name]["max_abs_diff"] < 1e-6
 
 
+@pytest.mark.parametrize("name", ["pes", "nres", "full_es", "truncated_es"])
+def test_chunks_on_four_devices_match_one_unchunked_device(report, name):
+    # Blocks of 8 particles, each spread over all 4 devices. Only the order of
+    # the float sum over particles differs: the tolerance of the one-device
+    # chunking test (rtol 1e-5 / atol 1e-5) applies.
+    entry = report[name]
+    assert entry["chunked_max_abs_diff"] <= 1e-5 * max(1.0, entry["scale"])
+
+
+@pytest.mark.parametrize("name", ["pes", "nres", "full_es"])
+def test_chunked_sharded_state_keeps_particle_order(report, name):
+    # The per-particle accumulators come back in particle order, still sharded
+    # (same draws; XLA may fuse the scaling differently: 1 ulp, about 1e-7).
+    entry = report[name]
+    assert entry["chunked_state_max_abs_diff"] <= 1e-6 * entry["accumulator_scale"]
+    assert report[name]["chunked_devices"] == 4
+
+
+def test_chunk_size_that_does_not_spread_over_devices_is_refused(report):
+    message = report["bad_chunk_error"]
+    assert "`particle_chunk_size` (4)" in message and "multiple of 8" in message
+
+
 @pytest.mark.parametrize("name", ["pes", "nres", "full_es", "pes_a"])
 def test_particles_spread_over_devices_with_distinct_noise(report, name):
     assert report[name]["devices"] == 4

@@ -18,7 +18,11 @@ from pes_optax._src import particles
 from pes_optax._src import validation as v
 from pes_optax._src.estimate import ESDiagnostics
 from pes_optax._src.problem import UnrolledProblem, strong
-from pes_optax._src.sharding import constrain, particle_sharding
+from pes_optax._src.sharding import (
+    constrain,
+    num_particle_devices,
+    particle_sharding,
+)
 
 PyTree = Any
 
@@ -101,21 +105,28 @@ class ParticleFields(NamedTuple):
     episode_end: jax.Array
 
 
-def map_particle_chunks(fn, fields, draw_keys, num_chunks: int):
+def map_particle_chunks(fn, fields, draw_keys, num_chunks: int, num_devices: int = 1):
     """Applies ``fn(fields, draw_keys)`` to blocks of particles in sequence.
 
     ``fn`` returns ``(new_fields, sums)``; the new fields are put back in
     particle order and the :class:`~estimate.ChunkSums` are combined, so that
-    the result does not depend on ``num_chunks``.
+    the result does not depend on ``num_chunks``. With particles sharded over
+    ``num_devices`` devices in contiguous slabs, block ``c`` takes the ``c``-th
+    part of every device's slab, so each block is spread over all devices and
+    nothing moves between them.
     """
     if num_chunks == 1:
         return fn(fields, draw_keys)
 
-    def split(x):
-        return x.reshape((num_chunks, -1, *x.shape[1:]))
+    def split(x):  # [N, ...] -> [num_chunks, N / num_chunks, ...]
+        x = x.reshape((num_devices, num_chunks, -1, *x.shape[1:]))
+        x = jnp.swapaxes(x, 0, 1)
+        return x.reshape((num_chunks, -1, *x.shape[3:]))
 
-    def merge(x):
-        return x.reshape((-1, *x.shape[2:]))
+    def merge(x):  # the inverse of split
+        x = x.reshape((num_chunks, num_devices, -1, *x.shape[2:]))
+        x = jnp.swapaxes(x, 0, 1)
+        return x.reshape((-1, *x.shape[3:]))
 
     chunked = jax.tree.map(split, (fields, draw_keys))
     new_fields, sums = jax.lax.map(lambda args: fn(*args), chunked)
@@ -161,8 +172,9 @@ def _persistent_es(
     horizon = _horizon_or_max(problem)
     pair_size = 2 if antithetic else 1
     sharding = particle_sharding(mesh, particle_axis, num_particles, antithetic)
+    num_devices = num_particle_devices(mesh, particle_axis)
     num_chunks = v.check_chunk_size(
-        particle_chunk_size, num_particles, antithetic, mesh
+        particle_chunk_size, num_particles, antithetic, num_devices
     )
 
     def place(fields: ParticleFields) -> ParticleFields:
@@ -200,7 +212,7 @@ def _persistent_es(
             diagnostics=estimate_lib.empty_diagnostics(),
         )
 
-    def run_chunk(params, sigma_now, steps_key, data, fields, draw_keys):
+    def run_chunk(params, sigma_now, keys, data, fields, draw_keys):
         """One truncation of a block of particles: new fields and sums."""
         noise = particles.perturbations_from_keys(
             draw_keys, params, sigma_now, antithetic, sharding
@@ -222,7 +234,7 @@ def _persistent_es(
             carry,
             noise,
             reuse_noise,
-            steps_key,
+            keys,
             data,
             truncation_length,
             sharding,
@@ -264,20 +276,22 @@ def _persistent_es(
                 "perturbation field does not fit); pass this estimator's state."
             )
         sigma_now = jnp.asarray(sigma_fn(state.count), jnp.float32)
-        rng_key, noise_key, steps_key = jax.random.split(state.rng_key, 3)
-        draw_keys = particles.draw_keys(noise_key, num_particles, antithetic)
+        keys = particles.update_keys(
+            state.rng_key, num_particles, antithetic, truncation_length
+        )
         fields = ParticleFields(*(getattr(state, f) for f in ParticleFields._fields))
 
         new_fields, sums = map_particle_chunks(
-            lambda f, k: run_chunk(params, sigma_now, steps_key, data, f, k),
+            lambda f, k: run_chunk(params, sigma_now, keys, data, f, k),
             fields,
-            draw_keys,
+            keys.draw,
             num_chunks,
+            num_devices,
         )
         estimate, stats = estimate_lib.finalize(sums, antithetic, nonfinite_policy)
         new_state = ESState(
             **place(new_fields)._asdict(),
-            rng_key=rng_key,
+            rng_key=keys.next_key,
             count=optax.safe_increment(state.count),
             diagnostics=_next_diagnostics(state, stats, truncation_length),
         )

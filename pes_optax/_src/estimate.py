@@ -46,8 +46,9 @@ def pair_mask(finite: jax.Array, antithetic: bool) -> jax.Array:
     """``[N]`` mask that is False for every member of a non-finite pair."""
     if not antithetic:
         return finite
-    pair_ok = finite[0::2] & finite[1::2]
-    return jnp.repeat(pair_ok, 2)
+    pairs = finite.reshape(-1, 2)
+    pair_ok = pairs[:, 0] & pairs[:, 1]
+    return jnp.stack([pair_ok, pair_ok], axis=1).reshape(-1)
 
 
 class ChunkSums(NamedTuple):

@@ -43,28 +43,39 @@ class ParticleCarry(NamedTuple):
     finite: jax.Array  # bool [N], every loss so far finite
 
 
-def sample_perturbations(
-    key: jax.Array,
-    theta: PyTree,
-    num_particles: int,
-    sigma: jax.Array,
-    antithetic: bool,
-    sharding=None,
-) -> PyTree:
-    """Gaussian perturbations with leaves ``[num_particles, *leaf.shape]``.
+class UpdateKeys(NamedTuple):
+    """Every key one update of an ES estimator uses."""
 
-    With ``antithetic``, particles ``2i`` and ``2i + 1`` get ``+e`` and ``-e``,
-    so that partners stay next to each other when particles are sharded. Each
-    draw comes from its own key (:func:`draw_keys`), so any block of particles
-    can be regenerated alone with :func:`perturbations_from_keys`.
+    next_key: jax.Array  # the state's key for the next update
+    draw: jax.Array  # [num_draws]: one per antithetic pair (or particle)
+    init: jax.Array  # [K]: the key of a start at each step of the truncation
+    inner: jax.Array  # [K]: the key of each inner step
+
+
+def update_keys(
+    rng_key: jax.Array, num_particles: int, antithetic: bool, truncation_length: int
+) -> UpdateKeys:
+    """All the keys of one update, drawn before the unroll starts.
+
+    The state's key splits into the next state key, the root of the draws
+    (one key per pair, so a block of particles can be regenerated alone with
+    :func:`perturbations_from_keys`) and the root of the steps. The steps'
+    keys are derived as in :func:`pes_optax.unroll` and the backprop
+    estimators (one key per step, split into the key of a start and the key
+    of the step), so all estimators given the same key see the same inner
+    steps; they are split for all K steps at once, outside the scan.
     """
-    keys = draw_keys(key, num_particles, antithetic)
-    return perturbations_from_keys(keys, theta, sigma, antithetic, sharding)
-
-
-def draw_keys(key: jax.Array, num_particles: int, antithetic: bool) -> jax.Array:
-    """One key per pair (antithetic) or per particle."""
-    return jax.random.split(key, num_particles // 2 if antithetic else num_particles)
+    next_key, noise_key, steps_key = jax.random.split(rng_key, 3)
+    num_draws = num_particles // 2 if antithetic else num_particles
+    per_step = jax.vmap(jax.random.split)(
+        jax.random.split(steps_key, truncation_length)
+    )
+    return UpdateKeys(
+        next_key=next_key,
+        draw=jax.random.split(noise_key, num_draws),
+        init=per_step[:, 0],
+        inner=per_step[:, 1],
+    )
 
 
 def perturbations_from_keys(
@@ -134,7 +145,7 @@ def run_truncation(
     carry: ParticleCarry,
     fresh_perturbation: PyTree,
     reuse_noise: bool,
-    key: jax.Array,
+    keys: UpdateKeys,
     data: PyTree | None,
     truncation_length: int,
     sharding=None,
@@ -146,20 +157,19 @@ def run_truncation(
     ``problem.init`` before stepping, with ``fresh_perturbation`` as its
     perturbation from then on when ``reuse_noise`` is set (noise-reuse ES);
     otherwise a particle keeps ``carry.perturbation`` for the whole truncation.
-    All particles share the step keys and the data (common random numbers).
+    All particles share the step keys ``keys.init`` and ``keys.inner`` and the
+    data (common random numbers).
     With ``sharding``, the particle axis of the carry is kept on its devices.
     Unless ``staggered``, every inner problem has the problem's horizon and
     ``carry.episode_end`` is not consulted.
     """
     weights = step_weights(problem.loss_reduction, truncation_length)
     horizon = NO_END if problem.horizon is None else problem.horizon
-    step_keys = jax.random.split(key, truncation_length)
     vmapped_init = jax.vmap(problem.init, in_axes=(None, 0))
     vmapped_step = jax.vmap(problem.step, in_axes=(0, 0, None, None))
 
     def body(carry: ParticleCarry, xs):
-        step_key, weight, step_data = xs
-        init_key, inner_key = jax.random.split(step_key)
+        init_key, inner_key, weight, step_data = xs
         start = carry.step == 0
 
         # Choose each particle's perturbation for this step.
@@ -212,7 +222,7 @@ def run_truncation(
         )
 
     carry = constrain(carry, sharding)
-    carry, _ = jax.lax.scan(body, carry, (step_keys, weights, data))
+    carry, _ = jax.lax.scan(body, carry, (keys.init, keys.inner, weights, data))
     return carry
 
 

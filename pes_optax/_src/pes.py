@@ -88,7 +88,9 @@ def pes(
         to cap the memory of the noise, perturbed parameters and
         contributions at one block; each block regenerates its perturbations
         from per-pair keys, so the estimate equals the unchunked one up to
-        the order of the float sum. ``None`` runs all particles at once.
+        the order of the float sum. With ``mesh``, every block is spread over
+        the devices, so the size must be a multiple of the axis size (twice
+        it with antithetic sampling). ``None`` runs all particles at once.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` takes
@@ -182,7 +184,9 @@ def nres(
         to cap the memory of the noise, perturbed parameters and
         contributions at one block; each block regenerates its perturbations
         from per-pair keys, so the estimate equals the unchunked one up to
-        the order of the float sum. ``None`` runs all particles at once.
+        the order of the float sum. With ``mesh``, every block is spread over
+        the devices, so the size must be a multiple of the axis size (twice
+        it with antithetic sampling). ``None`` runs all particles at once.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -251,7 +255,9 @@ def full_es(
         to cap the memory of the noise, perturbed parameters and
         contributions at one block; each block regenerates its perturbations
         from per-pair keys, so the estimate equals the unchunked one up to
-        the order of the float sum. ``None`` runs all particles at once.
+        the order of the float sum. With ``mesh``, every block is spread over
+        the devices, so the size must be a multiple of the axis size (twice
+        it with antithetic sampling). ``None`` runs all particles at once.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.

@@ -133,7 +133,7 @@ def pes_a(
             diagnostics=estimate_lib.empty_diagnostics(),
         )
 
-    def mean_truncation(theta, state, steps_key, data):
+    def mean_truncation(theta, state, keys, data):
         """The mean trajectory's (loss_old, loss_new) and final carry."""
         carry = particles.initial_carry(
             jax.tree.map(lambda x: x[None], state.mean_inner_state),
@@ -142,7 +142,7 @@ def pes_a(
             jax.tree.map(lambda t: jnp.zeros((1, *jnp.shape(t)), jnp.float32), theta),
         )
         carry = particles.run_truncation(
-            problem, theta, carry, (), False, steps_key, data, truncation_length
+            problem, theta, carry, (), False, keys, data, truncation_length
         )
         return (carry.loss_old[0], carry.loss_new[0]), carry
 
@@ -152,17 +152,19 @@ def pes_a(
             updates, state, params, data, truncation_length, True, PESAState
         )
         sigma_now = jnp.asarray(sigma_fn(state.count), jnp.float32)
-        rng_key, noise_key, steps_key = jax.random.split(state.rng_key, 3)
+        keys = particles.update_keys(
+            state.rng_key, num_particles, antithetic, truncation_length
+        )
 
         # Exact gradient of the current truncation from the mean state.
         (grad_old, grad_new), mean_carry = jax.jacrev(
-            lambda t: mean_truncation(t, state, steps_key, data), has_aux=True
+            lambda t: mean_truncation(t, state, keys, data), has_aux=True
         )(params)
         analytic = jax.tree.map(jnp.add, grad_old, grad_new)
 
         # PES particles, all at the mean trajectory's step.
-        noise = particles.sample_perturbations(
-            noise_key, params, num_particles, sigma_now, antithetic, sharding
+        noise = particles.perturbations_from_keys(
+            keys.draw, params, sigma_now, antithetic, sharding
         )
         fresh_score = jax.tree.map(lambda e: e / sigma_now**2, noise)
         carry = particles.initial_carry(
@@ -177,7 +179,7 @@ def pes_a(
             carry,
             noise,
             False,
-            steps_key,
+            keys,
             data,
             truncation_length,
             sharding,
@@ -220,7 +222,7 @@ def pes_a(
             accumulator=particles.select_particles(keep, score, zeros),
             mean_inner_state=mean_state,
             step=new_step.astype(jnp.int32),
-            rng_key=rng_key,
+            rng_key=keys.next_key,
             count=optax.safe_increment(state.count),
             diagnostics=_next_diagnostics(state, stats, truncation_length),
         )

@@ -54,6 +54,11 @@ def particle_sharding(
     return NamedSharding(auto_mesh, PartitionSpec(particle_axis))
 
 
+def num_particle_devices(mesh: Mesh | None, particle_axis: str) -> int:
+    """How many devices the particle axis is split over (1 without a mesh)."""
+    return 1 if mesh is None else int(mesh.shape[particle_axis])
+
+
 def constrain(tree: PyTree, sharding: NamedSharding | None) -> PyTree:
     """Shards the leading (particle) axis of every leaf of ``tree``."""
     if sharding is None:

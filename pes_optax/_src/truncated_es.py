@@ -23,7 +23,7 @@ from pes_optax._src.es import (
     map_particle_chunks,
 )
 from pes_optax._src.problem import UnrolledProblem, strong
-from pes_optax._src.sharding import particle_sharding
+from pes_optax._src.sharding import num_particle_devices, particle_sharding
 
 
 def _broadcast(tree, num: int):
@@ -91,8 +91,9 @@ def truncated_es(
     )
     horizon = particles.NO_END if problem.horizon is None else problem.horizon
     sharding = particle_sharding(mesh, particle_axis, num_particles, antithetic)
+    num_devices = num_particle_devices(mesh, particle_axis)
     num_chunks = v.check_chunk_size(
-        particle_chunk_size, num_particles, antithetic, mesh
+        particle_chunk_size, num_particles, antithetic, num_devices
     )
 
     def init_fn(params):
@@ -118,7 +119,9 @@ def truncated_es(
                 "has per-particle accumulators); pass this estimator's state."
             )
         sigma_now = jnp.asarray(sigma_fn(state.count), jnp.float32)
-        rng_key, noise_key, steps_key = jax.random.split(state.rng_key, 3)
+        keys = particles.update_keys(
+            state.rng_key, num_particles, antithetic, truncation_length
+        )
 
         # Perturbed particles and the unperturbed trajectory, all from s.
         def run_from_s(num, perturbation, sharding):
@@ -134,7 +137,7 @@ def truncated_es(
                 carry,
                 (),
                 False,
-                steps_key,
+                keys,
                 data,
                 truncation_length,
                 sharding,
@@ -156,8 +159,7 @@ def truncated_es(
             )
 
         # Estimate from the perturbed particles only.
-        draw_keys = particles.draw_keys(noise_key, num_particles, antithetic)
-        _, sums = map_particle_chunks(run_chunk, (), draw_keys, num_chunks)
+        _, sums = map_particle_chunks(run_chunk, (), keys.draw, num_chunks, num_devices)
         estimate, stats = estimate_lib.finalize(sums, antithetic, nonfinite_policy)
         mean = run_from_s(1, _zeros_per_particle(params, 1), None)
 
@@ -169,7 +171,7 @@ def truncated_es(
             perturbation=(),
             step=jnp.where(mean_ok, mean.step[0], 0),
             episode_end=jnp.where(mean_ok, mean.episode_end[0], horizon),
-            rng_key=rng_key,
+            rng_key=keys.next_key,
             count=optax.safe_increment(state.count),
             diagnostics=_next_diagnostics(state, stats, truncation_length),
         )

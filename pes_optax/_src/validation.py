@@ -227,26 +227,31 @@ def check_data(
 
 
 def check_chunk_size(
-    particle_chunk_size: Any, num_particles: int, antithetic: bool, mesh: Any
+    particle_chunk_size: Any, num_particles: int, antithetic: bool, num_devices: int
 ) -> int:
-    """Returns the number of particle blocks (1 without chunking)."""
+    """Returns the number of particle blocks (1 without chunking).
+
+    With particles sharded over ``num_devices`` devices, every block takes the
+    same number of particles from each device, so a block size must be a
+    multiple of ``num_devices`` (times 2 with antithetic pairs).
+    """
     if particle_chunk_size is None:
         return 1
     size = check_positive_int("particle_chunk_size", particle_chunk_size)
-    pair_size = 2 if antithetic else 1
-    if num_particles % size or size % pair_size:
+    multiple = num_devices * (2 if antithetic else 1)
+    if num_particles % size or size % multiple:
+        needs = []
+        if antithetic:
+            needs.append("antithetic pairs stay together")
+        if num_devices > 1:
+            needs.append(f"each of the {num_devices} devices gets an equal share")
         raise ValueError(
             f"`particle_chunk_size` ({size}) must divide `num_particles` "
             f"({num_particles})"
-            + (" and be even (antithetic pairs stay together)" if antithetic else "")
+            + (f" and be a multiple of {multiple}" if multiple > 1 else "")
+            + (f" ({', and '.join(needs)})" if needs else "")
             + ". Pick a divisor such as "
-            + f"{_largest_divisor(num_particles, size, pair_size)}."
-        )
-    if mesh is not None and size != num_particles:
-        raise ValueError(
-            "`particle_chunk_size` cannot be combined with `mesh` yet: chunking "
-            "runs blocks in sequence on each device. Shard over more devices, "
-            "or pass particle_chunk_size=None."
+            + f"{_largest_divisor(num_particles, size, multiple)}."
         )
     return num_particles // size
 

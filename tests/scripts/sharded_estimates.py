@@ -24,9 +24,11 @@ def problem():
     return pes_optax.UnrolledProblem(init, step, horizon=7)
 
 
-def run(factory, mesh, num_updates=4):
+def run(factory, mesh, num_updates=4, chunk=None):
     theta = {"w": jnp.array([0.1, -0.2, 0.3])}
     kwargs = dict(num_particles=16, sigma=0.1, key=jax.random.key(3), mesh=mesh)
+    if chunk is not None:
+        kwargs["particle_chunk_size"] = chunk
     if factory is not pes_optax.full_es:
         kwargs["truncation_length"] = 3
     opt = optax.chain(factory(problem(), **kwargs), optax.sgd(0.01))
@@ -53,12 +55,34 @@ def main():
     ):
         single, _ = run(factory, None)
         sharded, state = run(factory, mesh)
-        entry = {"max_abs_diff": float(np.max(np.abs(single - sharded)))}
+        entry = {
+            "max_abs_diff": float(np.max(np.abs(single - sharded))),
+            "scale": float(np.max(np.abs(single))),
+        }
         if hasattr(state, "accumulator") and state.accumulator != ():
             leaf = state.accumulator["w"]
             entry["devices"] = len(leaf.sharding.device_set)
             rows = np.asarray(leaf)
             entry["distinct_rows"] = len({tuple(r) for r in rows.round(7)})
+        if factory is not pes_optax.pes_a:
+            # Blocks of 8 particles, each spread over the 4 devices.
+            chunked, chunked_state = run(factory, mesh, chunk=8)
+            entry["chunked_max_abs_diff"] = float(np.max(np.abs(single - chunked)))
+            if hasattr(chunked_state, "accumulator") and state.accumulator != ():
+                entry["accumulator_scale"] = float(
+                    np.max(np.abs(np.asarray(state.accumulator["w"])))
+                )
+                entry["chunked_state_max_abs_diff"] = float(
+                    np.max(
+                        np.abs(
+                            np.asarray(chunked_state.accumulator["w"])
+                            - np.asarray(state.accumulator["w"])
+                        )
+                    )
+                )
+                entry["chunked_devices"] = len(
+                    chunked_state.accumulator["w"].sharding.device_set
+                )
         report[factory.__name__] = entry
     try:
         pes_optax.pes(
@@ -71,6 +95,18 @@ def main():
         )
     except ValueError as error:
         report["bad_count_error"] = str(error)
+    try:
+        pes_optax.pes(
+            problem(),
+            num_particles=16,
+            sigma=0.1,
+            truncation_length=3,
+            key=0,
+            mesh=mesh,
+            particle_chunk_size=4,
+        )
+    except ValueError as error:
+        report["bad_chunk_error"] = str(error)
     print(json.dumps(report))
 
 
