@@ -85,6 +85,25 @@ class Implementation:
 # The floor: PES written by hand as one jitted step.
 
 
+def _antithetic_noise(key, sigma, num_particles, theta_shape):
+    """``[+e; -e]`` for ``num_particles // 2`` Gaussian draws ``e``."""
+    half = sigma * jax.random.normal(key, (num_particles // 2, *theta_shape))
+    return jnp.concatenate([half, -half])
+
+
+def _unroll_particles(vstep, weights, particle_theta, states, key):
+    """K steps of every particle; returns the states and the weighted loss."""
+
+    def body(inner, xs):
+        step_key, weight = xs
+        inner, loss = vstep(particle_theta, inner, step_key, None)
+        return inner, weight * loss
+
+    keys = jax.random.split(key, weights.shape[0])
+    states, losses = jax.lax.scan(body, states, (keys, weights))
+    return states, losses.sum(0)
+
+
 def _floor_parts(setting: Setting):
     problem = setting.problem
     n, k, sigma = setting.num_particles, setting.truncation_length, setting.sigma
@@ -96,8 +115,7 @@ def _floor_parts(setting: Setting):
     def step(carry):
         theta, states, accumulator, inner_step, key = carry
         key, noise_key, init_key, unroll_key = jax.random.split(key, 4)
-        half = sigma * jax.random.normal(noise_key, (n // 2, *theta_shape))
-        noise = jnp.concatenate([half, -half])
+        noise = _antithetic_noise(noise_key, sigma, n, theta_shape)
         particle_theta = theta + noise
 
         # Fresh inner problems at a horizon boundary (K divides T here).
@@ -108,15 +126,10 @@ def _floor_parts(setting: Setting):
                 lambda: (states, accumulator),
             )
         accumulator = accumulator + noise
-
-        def body(inner, xs):
-            step_key, weight = xs
-            inner, loss = vstep(particle_theta, inner, step_key, None)
-            return inner, weight * loss
-
-        keys = jax.random.split(unroll_key, k)
-        states, losses = jax.lax.scan(body, states, (keys, weights))
-        grad = jnp.tensordot(losses.sum(0), accumulator, axes=1) / (n * sigma**2)
+        states, loss = _unroll_particles(
+            vstep, weights, particle_theta, states, unroll_key
+        )
+        grad = jnp.tensordot(loss, accumulator, axes=1) / (n * sigma**2)
         theta = theta - setting.learning_rate * grad
         return theta, states, accumulator, inner_step + k, key
 
@@ -268,16 +281,8 @@ def _evosax_parts(setting: Setting):
                 lambda: states,
             )
 
-        def body(inner, xs):
-            step_key, weight = xs
-            inner, loss = vstep(population, inner, step_key, None)
-            return inner, weight * loss
-
-        keys = jax.random.split(unroll_key, k)
-        states, losses = jax.lax.scan(body, states, (keys, weights))
-        es_state, _ = strategy.tell(
-            tell_key, population, losses.sum(0), es_state, params
-        )
+        states, loss = _unroll_particles(vstep, weights, population, states, unroll_key)
+        es_state, _ = strategy.tell(tell_key, population, loss, es_state, params)
         return es_state, states, key
 
     def initial():
@@ -362,8 +367,7 @@ def python_dispatch(setting: Setting) -> Implementation:
     vstep = jax.vmap(problem.step, in_axes=(0, 0, None, None))
 
     def sample(key):
-        half = sigma * jax.random.normal(key, (n // 2, *theta_shape))
-        return jnp.concatenate([half, -half])
+        return _antithetic_noise(key, sigma, n, theta_shape)
 
     pieces = {
         "split": _Recorded(lambda key: tuple(jax.random.split(key, 4))),
@@ -442,19 +446,12 @@ def research_driver(setting: Setting) -> Implementation:
 
     @jax.jit
     def estimate(noise_key, unroll_key, theta, states, accumulator, inner_step):
-        half = sigma * jax.random.normal(noise_key, (n // 2, *theta_shape))
-        noise = jnp.concatenate([half, -half])
-        particle_theta = theta + noise
-
-        def body(inner, xs):
-            step_key, weight = xs
-            inner, loss = vstep(particle_theta, inner, step_key, None)
-            return inner, weight * loss
-
-        keys = jax.random.split(unroll_key, k)
-        states, losses = jax.lax.scan(body, states, (keys, weights))
+        noise = _antithetic_noise(noise_key, sigma, n, theta_shape)
+        states, loss = _unroll_particles(
+            vstep, weights, theta + noise, states, unroll_key
+        )
         accumulator = accumulator + noise
-        grad = jnp.tensordot(losses.sum(0), accumulator, axes=1) / (n * sigma**2)
+        grad = jnp.tensordot(loss, accumulator, axes=1) / (n * sigma**2)
         return grad, states, accumulator, inner_step + k
 
     class ParticleChunk:

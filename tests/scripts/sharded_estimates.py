@@ -42,6 +42,17 @@ def run(factory, mesh, num_updates=4, chunk=None):
     return np.stack(outputs), state[0]
 
 
+def construction_error(mesh, **kwargs):
+    """The message of the ValueError that building pes on ``mesh`` raises."""
+    try:
+        pes_optax.pes(
+            problem(), sigma=0.1, truncation_length=3, key=0, mesh=mesh, **kwargs
+        )
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def main():
     assert jax.device_count() == 4, jax.devices()
     mesh = jax.make_mesh((4,), ("particles",))
@@ -84,29 +95,10 @@ def main():
                     chunked_state.accumulator["w"].sharding.device_set
                 )
         report[factory.__name__] = entry
-    try:
-        pes_optax.pes(
-            problem(),
-            num_particles=6,
-            sigma=0.1,
-            truncation_length=3,
-            key=0,
-            mesh=mesh,
-        )
-    except ValueError as error:
-        report["bad_count_error"] = str(error)
-    try:
-        pes_optax.pes(
-            problem(),
-            num_particles=16,
-            sigma=0.1,
-            truncation_length=3,
-            key=0,
-            mesh=mesh,
-            particle_chunk_size=4,
-        )
-    except ValueError as error:
-        report["bad_chunk_error"] = str(error)
+    report["bad_count_error"] = construction_error(mesh, num_particles=6)
+    report["bad_chunk_error"] = construction_error(
+        mesh, num_particles=16, particle_chunk_size=4
+    )
     print(json.dumps(report))
 
 
