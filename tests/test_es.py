@@ -562,6 +562,17 @@ def test_bad_chunk_sizes_are_refused(chunk):
         _pes(num_particles=12, particle_chunk_size=chunk)
 
 
+@pytest.mark.parametrize(
+    ("num_particles", "chunk", "suggested"),
+    [(12, 5, 4), (12, 3, 2), (16, 14, 8), (20, 1, 2)],
+)
+def test_bad_chunk_size_error_suggests_the_nearest_valid_size(
+    num_particles, chunk, suggested
+):
+    with pytest.raises(ValueError, match=f"such as {suggested}\\."):
+        _pes(num_particles=num_particles, particle_chunk_size=chunk)
+
+
 def test_overflowing_weighted_sum_is_dropped_not_propagated():
     problem = pes_optax.UnrolledProblem(
         lambda key, theta: jnp.zeros(()),

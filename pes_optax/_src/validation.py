@@ -257,7 +257,13 @@ def check_chunk_size(
 
 
 def _largest_divisor(num_particles: int, at_most: int, multiple_of: int) -> int:
-    for candidate in range(min(at_most, num_particles), 0, -1):
-        if num_particles % candidate == 0 and candidate % multiple_of == 0:
-            return candidate
-    return num_particles
+    """The valid block size nearest ``at_most``: the largest one not above it,
+    else the smallest one above it (``num_particles`` itself is always valid).
+    """
+    valid = [
+        c
+        for c in range(multiple_of, num_particles + 1, multiple_of)
+        if num_particles % c == 0
+    ]
+    below = [c for c in valid if c <= at_most]
+    return below[-1] if below else valid[0]
