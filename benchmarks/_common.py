@@ -42,7 +42,10 @@ class Setting:
     learning_rate: float
     steps_fused: int  # outer steps per fused call (one timed repeat)
     steps_one_call: int  # outer steps per timed repeat, one call per step
-    steps_dispatched: int  # outer steps per timed repeat, separate dispatches
+    # Outer steps per timed repeat, separate dispatches. With a finite horizon
+    # a multiple of T / K, so that every repeat of a loop that restarts its
+    # particles in Python (eagerly) holds the same number of restarts.
+    steps_dispatched: int
     description: str
 
 
@@ -172,7 +175,7 @@ def compute_bound_setting(quick: bool) -> Setting:
         learning_rate=1e-3,
         steps_fused=8 if quick else 10,
         steps_one_call=8 if quick else 10,
-        steps_dispatched=2 if quick else 5,
+        steps_dispatched=4 if quick else 10,
         description=(
             f"tanh(W s + V theta), state {state_size}, theta {theta_size}, "
             f"T={horizon}, N={num_particles}, K={length}"
@@ -194,7 +197,7 @@ def flax_mlp_setting(quick: bool) -> Setting:
         learning_rate=1e-3,
         steps_fused=8 if quick else 50,
         steps_one_call=8 if quick else 50,
-        steps_dispatched=2 if quick else 10,
+        steps_dispatched=4 if quick else 10,
         description=(
             f"Flax MLP 8-{hidden}-{hidden}-1 trained by SGD, batch {batch_size}, "
             f"T={horizon}, N={num_particles}, K={length}"

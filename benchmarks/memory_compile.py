@@ -13,7 +13,7 @@
 (d) Large theta (about a million parameters) with many particles: the
     footprint and the temporaries of one update with all particles at once
     and with ``particle_chunk_size``, and the largest difference between the
-    two estimates (one update each, same key).
+    two updates, ``sgd(1e-3)`` of the estimates (one update each, same key).
 
 Footprint = arguments + outputs + temporaries - aliased buffers, from the
 compiled executable's ``memory_analysis()`` (static: what XLA allocates for

@@ -26,7 +26,8 @@ median):
 
 Memory is the compiled executable's footprint (``memory_analysis()``:
 arguments + outputs + temporaries - aliased buffers) of the program one call
-runs; for the Python loop, the largest of its programs.
+runs; for the Python loop, the largest of its programs; for the research-style
+driver, its jitted estimate.
 
 Run: ``python benchmarks/throughput.py [--quick] [--repeats R] [--json PATH]``.
 """
@@ -459,10 +460,10 @@ def research_driver(setting: Setting) -> Implementation:
 
         def __init__(self, key):
             self.key, self.unroll_key, self.eval_key = jax.random.split(key, 3)
-            self.reset()
+            self.reset(setting.theta)
 
-        def reset(self):
-            thetas = jnp.broadcast_to(setting.theta, (n, *theta_shape))
+        def reset(self, theta):
+            thetas = jnp.broadcast_to(theta, (n, *theta_shape))
             self.states = vinit(self.key, thetas)
             self.accumulator = jnp.zeros((n, *theta_shape), jnp.float32)
             self.inner_step = jnp.zeros((n,), jnp.int32)
@@ -481,7 +482,7 @@ def research_driver(setting: Setting) -> Implementation:
             )
             self.key, self.unroll_key, self.eval_key = key, unroll_key, eval_key
             if self.inner_step[0] >= horizon:  # a host read every step
-                self.reset()
+                self.reset(theta)
             return grad
 
     holder = {"theta": setting.theta}
@@ -642,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "memory: compiled footprint from memory_analysis() (arguments + outputs "
         "+ temporaries - aliases) of the program one call runs; python dispatch: "
-        "its largest program"
+        "its largest program; research-style driver: its jitted estimate"
     )
     print(
         f"timing: median (and best) of {repeats} interleaved repeats after two "
