@@ -11,7 +11,6 @@ driver shows progress.
 from __future__ import annotations
 
 import functools
-import numbers
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -32,30 +31,6 @@ EvalFn = Callable[[PyTree, jax.Array], jax.Array]
 _EVAL_STREAM = 0x6576616C
 
 
-def _check_transformation(name: str, value: Any) -> None:
-    if not isinstance(value, optax.GradientTransformation):
-        raise TypeError(
-            f"`{name}` must be an optax gradient transformation (e.g. "
-            f"pes_optax.pes(...) or optax.adam(1e-2)), got {value!r}."
-        )
-
-
-def _check_eval(eval_fn: Any, eval_every: Any) -> int | None:
-    if eval_fn is None and eval_every is None:
-        return None
-    if eval_fn is None or not callable(eval_fn):
-        raise TypeError(
-            f"`eval_fn` must be a callable (theta, key) -> scalar when "
-            f"`eval_every` is given, got {eval_fn!r}."
-        )
-    if eval_every is None:
-        raise ValueError(
-            "`eval_every` is None but `eval_fn` was given; pass the number of "
-            "outer steps between evaluations, e.g. eval_every=100."
-        )
-    return v.check_positive_int("eval_every", eval_every)
-
-
 def _check_eval_key(eval_key: Any) -> jax.Array:
     try:
         key = v.check_key(eval_key)
@@ -63,14 +38,6 @@ def _check_eval_key(eval_key: Any) -> jax.Array:
         # check_key speaks of `key`; this argument is `eval_key`.
         raise type(error)(str(error).replace("`key`", "`eval_key`")) from None
     return jax.random.fold_in(key, _EVAL_STREAM)
-
-
-def _check_num_steps(num_steps: Any) -> int:
-    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
-        raise TypeError(f"`num_steps` must be an int >= 0, got {num_steps!r}.")
-    if num_steps < 0:
-        raise ValueError(f"`num_steps` must be an int >= 0, got {num_steps!r}.")
-    return int(num_steps)
 
 
 class Driver:
@@ -133,14 +100,14 @@ class Driver:
         eval_key: jax.Array | int = 0,
         config: Mapping[str, Any] | None = None,
     ):
-        _check_transformation("estimator", estimator)
-        _check_transformation("optimizer", optimizer)
+        v.check_transformation("estimator", estimator)
+        v.check_transformation("optimizer", optimizer)
         v.check_theta(theta, "theta")
         if data_fn is not None and not callable(data_fn):
             raise TypeError(
                 f"`data_fn` must be a callable step -> data, got {data_fn!r}."
             )
-        self._eval_every = _check_eval(eval_fn, eval_every)
+        self._eval_every = v.check_eval(eval_fn, eval_every)
         self._eval_key = _check_eval_key(eval_key)
         self._config = checkpoint_lib.check_config(config)
         self._estimator = estimator
@@ -262,7 +229,7 @@ class Driver:
         Returns:
           The metric rows of the steps taken, as in :attr:`metrics`.
         """
-        num_steps = _check_num_steps(num_steps)
+        num_steps = v.check_num_steps(num_steps)
         steps_per_call = v.check_positive_int("steps_per_call", steps_per_call)
         bar = metrics_lib.progress_bar(progress, num_steps)
         rows, start = [], time.perf_counter()

@@ -14,6 +14,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from pes_optax._src.problem import UnrolledProblem
 
@@ -267,3 +268,38 @@ def _largest_divisor(num_particles: int, at_most: int, multiple_of: int) -> int:
     ]
     below = [c for c in valid if c <= at_most]
     return below[-1] if below else valid[0]
+
+
+def check_transformation(name: str, value: Any) -> None:
+    """An optax transformation (the driver's estimator or optimizer)."""
+    if not isinstance(value, optax.GradientTransformation):
+        raise TypeError(
+            f"`{name}` must be an optax gradient transformation (e.g. "
+            f"pes_optax.pes(...) or optax.adam(1e-2)), got {value!r}."
+        )
+
+
+def check_eval(eval_fn: Any, eval_every: Any) -> int | None:
+    """``eval_every`` as an int when ``eval_fn`` is given, else ``None``."""
+    if eval_fn is None and eval_every is None:
+        return None
+    if eval_fn is None or not callable(eval_fn):
+        raise TypeError(
+            f"`eval_fn` must be a callable (theta, key) -> scalar when "
+            f"`eval_every` is given, got {eval_fn!r}."
+        )
+    if eval_every is None:
+        raise ValueError(
+            "`eval_every` is None but `eval_fn` was given; pass the number of "
+            "outer steps between evaluations, e.g. eval_every=100."
+        )
+    return check_positive_int("eval_every", eval_every)
+
+
+def check_num_steps(num_steps: Any) -> int:
+    """A count of outer steps, 0 allowed."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
+        raise TypeError(f"`num_steps` must be an int >= 0, got {num_steps!r}.")
+    if num_steps < 0:
+        raise ValueError(f"`num_steps` must be an int >= 0, got {num_steps!r}.")
+    return int(num_steps)
