@@ -30,7 +30,7 @@ import optax
 from pes_optax._src import particles
 from pes_optax._src import validation as v
 from pes_optax._src.estimate import add_estimate
-from pes_optax._src.problem import UnrolledProblem, step_weights, strong
+from pes_optax._src.problem import UnrolledProblem, step_keys, step_weights, strong
 
 PyTree = Any
 
@@ -137,27 +137,28 @@ def run_steps(
     theta: PyTree,
     inner_state: PyTree | None,
     step: jax.Array,
-    keys: jax.Array,
+    keys: tuple[jax.Array, jax.Array],
     data: PyTree | None,
     checkpoint_every: int | None = None,
 ) -> tuple[jax.Array, tuple[PyTree, jax.Array]]:
-    """Weighted loss of ``len(keys)`` inner steps, differentiable in ``theta``.
+    """Weighted loss of K inner steps, differentiable in ``theta``.
+
+    ``keys`` are the ``(init_keys, inner_keys)`` of :func:`step_keys`.
 
     ``inner_state=None`` starts a fresh inner problem that the caller knows
     will not end before the last step; otherwise a step counter of 0 starts
     one before stepping. Returns ``(loss, (inner_state, step))``.
     """
-    num_steps = keys.shape[0]
+    num_steps = keys[1].shape[0]
     weights = step_weights(problem.loss_reduction, num_steps)
     horizon = horizon_or_max(problem)
     fresh = inner_state is None
     if fresh:
-        inner_state = strong(problem.init(jax.random.split(keys[0])[0], theta))
+        inner_state = strong(problem.init(keys[0][0], theta))
 
     def body(carry, xs):
         inner_state, step = carry
-        step_key, weight, step_data = xs
-        init_key, inner_key = jax.random.split(step_key)
+        init_key, inner_key, weight, step_data = xs
         if not fresh:
             inner_state = jax.lax.cond(
                 step == 0,
@@ -169,7 +170,7 @@ def run_steps(
         carry = (cast_like(new_state, inner_state), next_step(step, horizon))
         return carry, weight * scalar_loss(loss)
 
-    xs = (keys, weights, data)
+    xs = (*keys, weights, data)
     carry = (inner_state, step)
     if checkpoint_every is None:
         carry, losses = jax.lax.scan(body, carry, xs)
@@ -287,7 +288,7 @@ def bptt(
         del extra_args
         check_update_args(updates, state, params, data, horizon, BPTTState)
         rng_key, _, steps_key = jax.random.split(state.rng_key, 3)
-        keys = jax.random.split(steps_key, horizon)
+        keys = step_keys(steps_key, horizon)
         start = jnp.zeros((), jnp.int32)
         loss, finite, estimate, _ = _backprop_update(
             problem, params, None, start, keys, data, checkpoint_every
@@ -381,7 +382,7 @@ def tbptt(
         del extra_args
         check_update_args(updates, state, params, data, truncation_length, TBPTTState)
         rng_key, _, steps_key = jax.random.split(state.rng_key, 3)
-        keys = jax.random.split(steps_key, truncation_length)
+        keys = step_keys(steps_key, truncation_length)
 
         # Backprop through this truncation only.
         incoming = jax.lax.stop_gradient(state.inner_state)

@@ -27,7 +27,7 @@ from jax.flatten_util import ravel_pytree
 from pes_optax._src import backprop as bp
 from pes_optax._src import validation as v
 from pes_optax._src.estimate import add_estimate
-from pes_optax._src.problem import UnrolledProblem, step_weights
+from pes_optax._src.problem import UnrolledProblem, step_keys, step_weights
 
 PyTree = Any
 
@@ -142,7 +142,7 @@ def _rtrl_truncation(problem, theta_flat, unravel, state, keys, data):
     flat = _flat_problem(problem, unravel, state.inner_state)
     basis = jnp.eye(theta_flat.shape[0], dtype=theta_flat.dtype)
     horizon = bp.horizon_or_max(problem)
-    weights = step_weights(problem.loss_reduction, keys.shape[0])
+    weights = step_weights(problem.loss_reduction, keys[1].shape[0])
 
     def restart(init_key):
         # J_0 = d init / d theta, one column per basis direction of theta.
@@ -152,8 +152,7 @@ def _rtrl_truncation(problem, theta_flat, unravel, state, keys, data):
         return floats, others, jax.vmap(linear)(basis)
 
     def body(carry: _RTRLCarry, xs):
-        step_key, weight, step_data = xs
-        init_key, inner_key = jax.random.split(step_key)
+        init_key, inner_key, weight, step_data = xs
         floats, others, jacobian = jax.lax.cond(
             carry.step == 0,
             lambda c: bp.cast_like(restart(init_key), c),
@@ -178,7 +177,7 @@ def _rtrl_truncation(problem, theta_flat, unravel, state, keys, data):
     carry = _RTRLCarry(
         floats, others, state.jacobian, state.step, _zero_grad(theta_flat)
     )
-    carry, losses = jax.lax.scan(body, carry, (keys, weights, data))
+    carry, losses = jax.lax.scan(body, carry, (*keys, weights, data))
     return jnp.sum(losses), carry
 
 
@@ -263,7 +262,7 @@ def rtrl(
         del extra_args
         _check_online_args(updates, state, params, data, truncation_length, RTRLState)
         rng_key, _, steps_key = jax.random.split(state.rng_key, 3)
-        keys = jax.random.split(steps_key, truncation_length)
+        keys = step_keys(steps_key, truncation_length)
         theta_flat, unravel = ravel_pytree(params)
 
         loss, carry = _rtrl_truncation(problem, theta_flat, unravel, state, keys, data)

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pes_optax._src.problem import UnrolledProblem, step_weights
+from pes_optax._src.problem import UnrolledProblem, step_keys, step_weights
 from pes_optax._src.sharding import constrain
 
 PyTree = Any
@@ -59,22 +59,18 @@ def update_keys(
 
     The state's key splits into the next state key, the root of the draws
     (one key per pair, so a block of particles can be regenerated alone with
-    :func:`perturbations_from_keys`) and the root of the steps. The steps'
-    keys are derived as in :func:`pes_optax.unroll` and the backprop
-    estimators (one key per step, split into the key of a start and the key
-    of the step), so all estimators given the same key see the same inner
-    steps; they are split for all K steps at once, outside the scan.
+    :func:`perturbations_from_keys`) and the root of the steps, walked by
+    :func:`~pes_optax._src.problem.step_keys` as every estimator walks it, so
+    that estimators given the same key see the same inner steps.
     """
     next_key, noise_key, steps_key = jax.random.split(rng_key, 3)
     num_draws = num_particles // 2 if antithetic else num_particles
-    per_step = jax.vmap(jax.random.split)(
-        jax.random.split(steps_key, truncation_length)
-    )
+    init_keys, inner_keys = step_keys(steps_key, truncation_length)
     return UpdateKeys(
         next_key=next_key,
         draw=jax.random.split(noise_key, num_draws),
-        init=per_step[:, 0],
-        inner=per_step[:, 1],
+        init=init_keys,
+        inner=inner_keys,
     )
 
 

@@ -140,6 +140,17 @@ def step_weights(loss_reduction: str, truncation_length: int) -> jax.Array:
     return jnp.zeros((truncation_length,), jnp.float32).at[-1].set(1.0)
 
 
+def step_keys(key: jax.Array, num_steps: int) -> tuple[jax.Array, jax.Array]:
+    """The key walk every estimator shares: ``(init_keys, inner_keys)``.
+
+    One key per step, split into the key of a start (used if an inner problem
+    starts at that step) and the key of the step itself; both ``[num_steps]``.
+    All of them are split at once, before any scan over the steps.
+    """
+    per_step = jax.vmap(jax.random.split)(jax.random.split(key, num_steps))
+    return per_step[:, 0], per_step[:, 1]
+
+
 def unroll(
     problem: UnrolledProblem,
     theta: PyTree,
@@ -179,16 +190,14 @@ def unroll(
     key = v.check_key(key)
     if data is not None:
         v.check_data(data, num_steps, "num_steps")
-    # Keys as the estimators make them: one per step, split into the key of
-    # a start (used at step 0) and the key of the step itself.
-    keys = jax.vmap(jax.random.split)(jax.random.split(key, num_steps))
-    inner_state = problem.init(keys[0, 0], theta)
+    init_keys, inner_keys = step_keys(key, num_steps)
+    inner_state = problem.init(init_keys[0], theta)
 
     def body(carry, xs):
         step_key, step_data = xs
         new_state, loss = problem.step(theta, carry, step_key, step_data)
         return new_state, jnp.asarray(loss, jnp.float32)
 
-    _, losses = jax.lax.scan(body, inner_state, (keys[:, 1], data))
+    _, losses = jax.lax.scan(body, inner_state, (inner_keys, data))
     weights = step_weights(problem.loss_reduction, num_steps)
     return jnp.sum(weights * losses)

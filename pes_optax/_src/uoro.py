@@ -28,7 +28,7 @@ from pes_optax._src.online import (
     _split_state,
     _zero_grad,
 )
-from pes_optax._src.problem import UnrolledProblem, step_weights
+from pes_optax._src.problem import UnrolledProblem, step_keys, step_weights
 
 PyTree = Any
 UORO_DELTA = 1e-7  # keeps UORO's rescaling finite when a norm is zero
@@ -95,7 +95,7 @@ def _uoro_truncation(problem, theta_flat, unravel, state, keys, sign_keys, data)
     """Runs the truncation's steps, carrying the rank-one estimate of ``J``."""
     flat = _flat_problem(problem, unravel, state.inner_state)
     horizon = bp.horizon_or_max(problem)
-    weights = step_weights(problem.loss_reduction, keys.shape[0])
+    weights = step_weights(problem.loss_reduction, keys[1].shape[0])
     one = jnp.ones((), jnp.float32)
 
     def restart(init_key, sign_key):
@@ -110,9 +110,7 @@ def _uoro_truncation(problem, theta_flat, unravel, state, keys, sign_keys, data)
         return floats, others, *tangents
 
     def body(carry: _UOROCarry, xs):
-        step_key, sign_key, weight, step_data = xs
-        init_key, inner_key = jax.random.split(step_key)
-        reset_sign_key, sign_key = jax.random.split(sign_key)
+        init_key, inner_key, reset_sign_key, sign_key, weight, step_data = xs
         fields = (carry.floats, carry.others, carry.state_tangent, carry.theta_tangent)
         floats, others, state_tangent, theta_tangent = jax.lax.cond(
             carry.step == 0,
@@ -157,7 +155,7 @@ def _uoro_truncation(problem, theta_flat, unravel, state, keys, sign_keys, data)
         state.step,
         _zero_grad(theta_flat),
     )
-    xs = (keys, sign_keys, weights, data)
+    xs = (*keys, *sign_keys, weights, data)
     carry, losses = jax.lax.scan(body, carry, xs)
     return jnp.sum(losses), carry
 
@@ -247,8 +245,8 @@ def uoro(
         del extra_args
         _check_online_args(updates, state, params, data, truncation_length, UOROState)
         rng_key, noise_key, steps_key = jax.random.split(state.rng_key, 3)
-        keys = jax.random.split(steps_key, truncation_length)
-        sign_keys = jax.random.split(noise_key, truncation_length)
+        keys = step_keys(steps_key, truncation_length)
+        sign_keys = step_keys(noise_key, truncation_length)
         theta_flat, unravel = ravel_pytree(params)
 
         loss, carry = _uoro_truncation(
