@@ -22,7 +22,6 @@ from pes_optax._src.adapters_rnn import (
     LossFn,
     PyTree,
     check_callable,
-    check_problem_shapes,
     make_problem,
 )
 from pes_optax._src.problem import UnrolledProblem
@@ -103,7 +102,7 @@ def from_flax_linen_rnn(
         )
         return carry, outputs, {**model_state, **updated}
 
-    problem = make_problem(
+    return make_problem(
         step_model,
         lambda key: collections,
         init_carry,
@@ -114,8 +113,6 @@ def from_flax_linen_rnn(
         random_start=random_start,
         reference_theta=params,
     )
-    check_problem_shapes(problem, params, sequence)
-    return problem
 
 
 def _haiku_apply_takes_rng(transformed: Any) -> bool:
@@ -204,7 +201,7 @@ def from_haiku(
         return carry, outputs, model_state
 
     initial_state = () if state is None else state
-    problem = make_problem(
+    return make_problem(
         step_model,
         lambda key: initial_state,
         init_carry,
@@ -215,8 +212,6 @@ def from_haiku(
         random_start=random_start,
         reference_theta=params,
     )
-    check_problem_shapes(problem, params, sequence)
-    return problem
 
 
 def _is_haiku_with_state(transformed: Any) -> bool:
@@ -328,7 +323,6 @@ def from_flax_nnx(
         horizon=pure_problem.horizon,
         loss_reduction=pure_problem.loss_reduction,
     )
-    check_problem_shapes(problem, params, sequence)
     return problem
 
 

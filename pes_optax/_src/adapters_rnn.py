@@ -139,7 +139,11 @@ def make_problem(
     random_start: bool,
     reference_theta: PyTree | None,
 ) -> UnrolledProblem:
-    """Builds the problem from a model step with the full signature."""
+    """Builds the problem from a model step with the full signature.
+
+    With ``reference_theta``, one init and step are traced on shapes right
+    away (:func:`check_problem_shapes`), so a mismatch raises at construction.
+    """
     check_callable("loss_fn", loss_fn, "(outputs, targets) -> scalar loss")
     sequence, length = _check_sequence(sequence)
     init_carry_fn = _as_init_carry(init_carry)
@@ -210,9 +214,12 @@ def make_problem(
             )
         return RecurrentState(carry, model_state, next_position), loss
 
-    return UnrolledProblem(
+    problem = UnrolledProblem(
         init=init, step=step, horizon=horizon, loss_reduction=loss_reduction
     )
+    if reference_theta is not None:
+        check_problem_shapes(problem, reference_theta, sequence)
+    return problem
 
 
 def check_problem_shapes(problem: UnrolledProblem, theta: PyTree, sequence):
@@ -295,7 +302,7 @@ def recurrent_problem(
             return apply_fn(theta, carry, inputs, key, model_state)
 
         model_state = jax.tree.map(jnp.asarray, initial_model_state)
-    problem = make_problem(
+    return make_problem(
         step_model,
         lambda key: model_state,
         init_carry,
@@ -306,9 +313,6 @@ def recurrent_problem(
         random_start=random_start,
         reference_theta=example_theta,
     )
-    if example_theta is not None:
-        check_problem_shapes(problem, example_theta, sequence)
-    return problem
 
 
 __all__ = (
