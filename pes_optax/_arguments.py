@@ -90,7 +90,8 @@ def _comma_list(kind: type, name: str) -> Callable[[str], tuple]:
     return parse
 
 
-def _add_common(command: argparse.ArgumentParser, out_help: str) -> None:
+def add_common_arguments(command: argparse.ArgumentParser, out_help: str) -> None:
+    """``--seed``, ``--out`` and ``--no-progress``, shared by every subcommand."""
     command.add_argument(
         "--seed",
         type=parse_seed,
@@ -99,7 +100,7 @@ def _add_common(command: argparse.ArgumentParser, out_help: str) -> None:
     )
     command.add_argument("--out", type=parse_out, help=out_help)
     command.add_argument(
-        "--no-progress", action="store_true", help="hide the progress bars"
+        "--no-progress", action="store_true", help="hide progress bars"
     )
 
 
@@ -137,7 +138,7 @@ def add_compare_parser(commands) -> None:
         help="heatmap points per axis for a 2-d theta, 0 to skip "
         f"(default {experiments.DEFAULT_GRID_RESOLUTION})",
     )
-    _add_common(compare, "output folder (default: runs/compare-TASK-seedSEED)")
+    add_common_arguments(compare, "output folder (default: runs/compare-TASK-seedSEED)")
 
 
 def add_variance_parser(commands) -> None:
@@ -175,4 +176,4 @@ def add_variance_parser(commands) -> None:
         variance.add_argument(
             flag, dest=field, type=parse, default=default, help=f"{text} ({shown})"
         )
-    _add_common(variance, "output folder (default: runs/variance-seedSEED)")
+    add_common_arguments(variance, "output folder (default: runs/variance-seedSEED)")

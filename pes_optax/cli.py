@@ -42,10 +42,9 @@ import numpy as np
 from pes_optax import experiments
 from pes_optax import tasks as tasks_lib
 from pes_optax._arguments import (
+    add_common_arguments,
     add_compare_parser,
     add_variance_parser,
-    parse_out,
-    parse_seed,
     positive,
 )
 from pes_optax._runner import ESTIMATORS as ESTIMATORS
@@ -116,18 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive(int, "--eval-every"),
         help="outer updates between evaluations of the meta-objective",
     )
-    run.add_argument(
-        "--seed",
-        type=parse_seed,
-        default=0,
-        help="random seed in [0, 2**63) (default 0)",
-    )
-    run.add_argument(
-        "--out",
-        type=parse_out,
-        help="output folder (default: runs/TASK-ESTIMATOR-seedSEED)",
-    )
-    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_common_arguments(run, "output folder (default: runs/TASK-ESTIMATOR-seedSEED)")
     add_compare_parser(commands)
     add_variance_parser(commands)
     return parser
