@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import pes_optax
 
@@ -158,6 +159,17 @@ def influence_balancing_setting(quick: bool) -> Setting:
         steps_one_call=20 if quick else 300,
         steps_dispatched=5 if quick else 60,
         description=f"state 23, N={num_particles}, K=1, endless (dispatch-bound)",
+    )
+
+
+def pes_estimator(setting: Setting) -> optax.GradientTransformationExtraArgs:
+    """``pes_optax.pes`` with the setting's particles, sigma and K (key 0)."""
+    return pes_optax.pes(
+        setting.problem,
+        num_particles=setting.num_particles,
+        sigma=setting.sigma,
+        truncation_length=setting.truncation_length,
+        key=jax.random.key(0),
     )
 
 

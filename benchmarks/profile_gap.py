@@ -28,6 +28,7 @@ from _common import (
     influence_balancing_setting,
     load_line,
     machine_lines,
+    pes_estimator,
     print_table,
     time_interleaved,
 )
@@ -123,13 +124,7 @@ def floor_with(setting, features: frozenset[str], length: int):
 def pes_scan(setting, length: int):
     """``chain(pes, sgd).update`` in a plain ``lax.scan``, no Driver."""
     optimizer = optax.chain(
-        pes_optax.pes(
-            setting.problem,
-            num_particles=setting.num_particles,
-            sigma=setting.sigma,
-            truncation_length=setting.truncation_length,
-            key=jax.random.key(0),
-        ),
+        pes_estimator(setting),
         optax.sgd(setting.learning_rate),
     )
 
@@ -153,13 +148,7 @@ def pes_scan(setting, length: int):
 
 def driver_run(setting, length: int):
     driver = pes_optax.Driver(
-        pes_optax.pes(
-            setting.problem,
-            num_particles=setting.num_particles,
-            sigma=setting.sigma,
-            truncation_length=setting.truncation_length,
-            key=jax.random.key(0),
-        ),
+        pes_estimator(setting),
         optax.sgd(setting.learning_rate),
         setting.theta,
     )

@@ -52,6 +52,7 @@ from _common import (
     machine_lines,
     max_rss_bytes,
     mib,
+    pes_estimator,
     print_table,
     throughput_settings,
     time_samples,
@@ -149,14 +150,14 @@ def _floor_parts(setting: Setting):
     return step, initial
 
 
-def floor_one_call(setting: Setting) -> Implementation:
-    step, initial = _floor_parts(setting)
+def _one_call(name, step, initial, num_steps, floor) -> Implementation:
+    """``step`` jitted on its own, called once per outer step."""
     jitted = jax.jit(step)
     holder = {"carry": initial()}
 
     def run():
         carry = holder["carry"]
-        for _ in range(setting.steps_one_call):
+        for _ in range(num_steps):
             carry = jitted(carry)
         holder["carry"] = carry
         return carry
@@ -164,12 +165,11 @@ def floor_one_call(setting: Setting) -> Implementation:
     def footprint():
         return compiled_footprint(jitted.lower(holder["carry"]).compile())
 
-    return Implementation("floor", run, setting.steps_one_call, footprint, None)
+    return Implementation(name, run, num_steps, footprint, floor)
 
 
-def floor_fused(setting: Setting) -> Implementation:
-    step, initial = _floor_parts(setting)
-    length = setting.steps_fused
+def _fused(name, step, initial, length, floor) -> Implementation:
+    """``length`` outer steps of ``step`` under ``lax.scan`` in one call."""
 
     @jax.jit
     def fused(carry):
@@ -185,24 +185,24 @@ def floor_fused(setting: Setting) -> Implementation:
     def footprint():
         return compiled_footprint(fused.lower(holder["carry"]).compile())
 
-    return Implementation("floor fused", run, length, footprint, None)
+    return Implementation(name, run, length, footprint, floor)
+
+
+def floor_one_call(setting: Setting) -> Implementation:
+    step, initial = _floor_parts(setting)
+    return _one_call("floor", step, initial, setting.steps_one_call, None)
+
+
+def floor_fused(setting: Setting) -> Implementation:
+    step, initial = _floor_parts(setting)
+    return _fused("floor fused", step, initial, setting.steps_fused, None)
 
 
 # pes_optax.
 
 
-def _estimator(setting: Setting):
-    return pes_optax.pes(
-        setting.problem,
-        num_particles=setting.num_particles,
-        sigma=setting.sigma,
-        truncation_length=setting.truncation_length,
-        key=jax.random.key(0),
-    )
-
-
 def ours_one_call(setting: Setting) -> Implementation:
-    optimizer = optax.chain(_estimator(setting), optax.sgd(setting.learning_rate))
+    optimizer = optax.chain(pes_estimator(setting), optax.sgd(setting.learning_rate))
 
     @jax.jit
     def train_step(theta, state):
@@ -229,7 +229,7 @@ def ours_one_call(setting: Setting) -> Implementation:
 def ours_driver(setting: Setting) -> Implementation:
     length = setting.steps_fused
     driver = pes_optax.Driver(
-        _estimator(setting), optax.sgd(setting.learning_rate), setting.theta
+        pes_estimator(setting), optax.sgd(setting.learning_rate), setting.theta
     )
 
     def run():
@@ -297,45 +297,14 @@ def _evosax_parts(setting: Setting):
 
 def evosax_one_call(setting: Setting) -> Implementation:
     step, initial = _evosax_parts(setting)
-    jitted = jax.jit(step)
-    holder = {"carry": initial()}
-
-    def run():
-        carry = holder["carry"]
-        for _ in range(setting.steps_one_call):
-            carry = jitted(carry)
-        holder["carry"] = carry
-        return carry
-
-    def footprint():
-        return compiled_footprint(jitted.lower(holder["carry"]).compile())
-
-    return Implementation(
-        "evosax PersistentES jit", run, setting.steps_one_call, footprint, "floor"
-    )
+    name = "evosax PersistentES jit"
+    return _one_call(name, step, initial, setting.steps_one_call, "floor")
 
 
 def evosax_fused(setting: Setting) -> Implementation:
     step, initial = _evosax_parts(setting)
-    length = setting.steps_fused
-
-    @jax.jit
-    def fused(carry):
-        carry, _ = jax.lax.scan(lambda c, _: (step(c), None), carry, length=length)
-        return carry
-
-    holder = {"carry": initial()}
-
-    def run():
-        holder["carry"] = fused(holder["carry"])
-        return holder["carry"]
-
-    def footprint():
-        return compiled_footprint(fused.lower(holder["carry"]).compile())
-
-    return Implementation(
-        "evosax PersistentES fused", run, length, footprint, "floor fused"
-    )
+    name = "evosax PersistentES fused"
+    return _fused(name, step, initial, setting.steps_fused, "floor fused")
 
 
 # The separately dispatched loop of research code.
