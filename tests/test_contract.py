@@ -263,36 +263,28 @@ def test_short_window_tbptt_and_truncated_es_are_biased():
     tbptt_total = sum(float(o["w"]) for o in outputs)
     assert np.sign(tbptt_total) != np.sign(float(exact))
 
-    # Truncated ES, mean over seeds: many standard errors from the exact value.
-    def one_seed(key):
-        transform = pes_optax.truncated_es(
-            problem, num_particles=4, sigma=0.01, truncation_length=10, key=key
-        )
-        state = transform.init(theta)
-        total = _zeros(theta)
-        for _ in range(10):
-            total, state = transform.update(total, state, theta)
-        return total["w"]
+    def summed_estimates(factory, seed):
+        """The estimate summed over 10 updates, for 500 keys."""
 
-    samples = jax.jit(jax.vmap(one_seed))(jax.random.split(jax.random.key(0), 500))
-    samples = np.asarray(samples, np.float64)
+        def one_seed(key):
+            transform = factory(
+                problem, num_particles=4, sigma=0.01, truncation_length=10, key=key
+            )
+            state = transform.init(theta)
+            total = _zeros(theta)
+            for _ in range(10):
+                total, state = transform.update(total, state, theta)
+            return total["w"]
+
+        keys = jax.random.split(jax.random.key(seed), 500)
+        return np.asarray(jax.jit(jax.vmap(one_seed))(keys), np.float64)
+
+    # Truncated ES, mean over seeds: many standard errors from the exact value.
+    samples = summed_estimates(pes_optax.truncated_es, 0)
     standard_error = samples.std(ddof=1) / np.sqrt(samples.size)
     assert abs(samples.mean() - float(exact)) > 10 * Z * standard_error
 
     # PES passes the same check on the same system.
-    def pes_seed(key):
-        transform = pes_optax.pes(
-            problem, num_particles=4, sigma=0.01, truncation_length=10, key=key
-        )
-        state = transform.init(theta)
-        total = _zeros(theta)
-        for _ in range(10):
-            total, state = transform.update(total, state, theta)
-        return total["w"]
-
-    pes = np.asarray(
-        jax.jit(jax.vmap(pes_seed))(jax.random.split(jax.random.key(1), 500)),
-        np.float64,
-    )
+    pes = summed_estimates(pes_optax.pes, 1)
     pes_error = pes.std(ddof=1) / np.sqrt(pes.size)
     assert abs(pes.mean() - float(exact)) < Z * pes_error

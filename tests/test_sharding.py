@@ -76,22 +76,13 @@ def test_mesh_argument_is_checked():
     problem = pes_optax.UnrolledProblem(
         lambda k, t: t, lambda t, s, k, d: (s, s), horizon=4
     )
+
+    def build(mesh):
+        return pes_optax.pes(
+            problem, num_particles=4, sigma=0.1, truncation_length=2, key=0, mesh=mesh
+        )
+
     with pytest.raises(TypeError, match="mesh"):
-        pes_optax.pes(
-            problem,
-            num_particles=4,
-            sigma=0.1,
-            truncation_length=2,
-            key=0,
-            mesh="cpu",
-        )
-    mesh = jax.make_mesh((1,), ("data",))
+        build("cpu")
     with pytest.raises(ValueError, match="particle_axis"):
-        pes_optax.pes(
-            problem,
-            num_particles=4,
-            sigma=0.1,
-            truncation_length=2,
-            key=0,
-            mesh=mesh,
-        )
+        build(jax.make_mesh((1,), ("data",)))
