@@ -278,7 +278,7 @@ def test_factory_errors():
         pes_optax.tbptt(make_problem(5), truncation_length=1, key="seed")
 
 
-@pytest.mark.parametrize("name", ["bptt", "tbptt"])
+@pytest.mark.parametrize("name", REFERENCES)
 def test_update_errors(name):
     transform = _estimator(name, make_problem(6))
     with pytest.raises(TypeError, match="params"):
